@@ -1,0 +1,99 @@
+"""The `direct-align` command: parse, build a config, call one function, print the result.
+
+Options of `train` are generated from :class:`direct_align.config.TrainConfig`, so each flag, its
+YAML key and its help text have one source. Values are parsed by the config module, so that every
+bad value gets the same one-line ``error: ...`` and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from direct_align.config import TrainConfig, _base_type, resolve
+from direct_align.errors import ConfigError, DataError, DirectAlignError
+
+_METAVARS = {int: "INT", float: "FLOAT", str: "TEXT"}
+
+
+def _train_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(f.name)
+        choices = f.metadata.get("choices")
+        default = f.default if f.default is not None else "none"
+        text = f"{f.metadata['help']} [default: {default}]"
+        if tp is bool:
+            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=text)
+        else:
+            metavar = "[" + "|".join(choices) + "]" if choices else _METAVARS[tp]
+            option = click.option(flag, f.name, type=str, default=None, metavar=metavar, help=text)
+        command = option(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="direct-align")
+def cli() -> None:
+    """Preference training with direct losses (DPO, IPO, ORPO, SimPO) on Hugging Face models."""
+
+
+@cli.command()
+@click.option("--config", "config_file", type=str, default=None, metavar="FILE",
+              help="YAML file of settings (keys as the flags, with _); flags override it.")  # fmt: skip
+@_train_options
+def train(config_file: str | None, **values: Any) -> None:
+    """Train a policy on preference pairs.
+
+    With no --model and no --dataset it trains on the built-in task (a tiny review model and a
+    hidden sentiment reward, built once into the cache) and prints the true reward it reached.
+    """
+    from direct_align.report import print_summary
+    from direct_align.run import run_train
+
+    cfg = resolve(values, config_file)
+    summary = run_train(cfg)
+    if summary is not None:
+        print_summary(summary, cfg.output_dir)
+
+
+def _setup_logging() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("direct_align").setLevel(logging.INFO)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script; turns every expected failure into one line."""
+    _setup_logging()
+    try:
+        cli.main(args=argv, prog_name="direct-align", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except (ConfigError, DataError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except DirectAlignError as e:
+        from direct_align.trainer import Interrupted
+
+        click.echo(f"error: {e}" if not isinstance(e, Interrupted) else str(e), err=True)
+        sys.exit(143 if isinstance(e, Interrupted) else 1)
+

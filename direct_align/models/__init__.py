@@ -1,0 +1,1 @@
+"""Loading Hugging Face causal LMs and computing response log-probs."""

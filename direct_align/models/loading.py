@@ -1,0 +1,58 @@
+"""Load tokenizers and causal LMs from a local directory or the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from direct_align.errors import ConfigError
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else is meant as a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def check_model_path(name: str, option: str = "--model") -> None:
+    """Fail early for a model path that does not exist (hub names are checked when loading)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{option}: '{name}' is not a Hugging Face model directory "
+                              "(no config.json)")  # fmt: skip
+        return
+    if _looks_like_path(name):
+        raise ConfigError(f"{option}: model path '{name}' does not exist")
+
+
+def load_tokenizer(name: str, option: str = "--model") -> PreTrainedTokenizerBase:
+    """The model's tokenizer; a missing pad token falls back to EOS (padding is masked anyway)."""
+    check_model_path(name, option)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{option}: cannot load a tokenizer from '{name}': "
+                          f"{str(e).splitlines()[0]}") from None  # fmt: skip
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name: str, *, dtype: torch.dtype = torch.float32, attn: str = "auto", option: str = "--model"
+) -> PreTrainedModel:
+    """A causal LM in ``dtype`` with the chosen attention implementation, on the CPU."""
+    check_model_path(name, option)
+    kwargs = {} if attn == "auto" else {"attn_implementation": attn}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(Path(name).expanduser()), dtype=dtype, **kwargs
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{option}: cannot load a causal LM from '{name}': "
+                          f"{str(e).splitlines()[0]}") from None  # fmt: skip
+    return model

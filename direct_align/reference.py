@@ -1,0 +1,178 @@
+"""Reference log-probs: computed once per (reference, tokenizer, data, settings), cached on disk.
+
+The cache key is a fingerprint of everything that changes the numbers: the reference weights
+(hashed tensor by tensor, as loaded), the tokenizer, the tokenized pairs (which capture the data,
+the format, the chat template and the truncation settings) and the compute precision. A second
+run with the same inputs reads the file; a change to any input gives a new key, so a stale cache
+can never be used. Files are written atomically and validated when read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from direct_align.data import PairDataset, collate_pairs
+from direct_align.models.logprobs import sequence_logps
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class ReferenceLogps:
+    """Reference log-prob sums of the responses of every pair, in dataset order."""
+
+    chosen: torch.Tensor  # [N] float32
+    rejected: torch.Tensor  # [N] float32
+
+    def select(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sums of the pairs at ``index`` [B] → ([B], [B])."""
+        return self.chosen[index], self.rejected[index]
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """xxh3-128 over every parameter and buffer: names, dtypes, shapes and bytes."""
+    h = xxhash.xxh3_128()
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """xxh3-128 of the vocabulary, merges, normalisation, special tokens and chat template."""
+    h = xxhash.xxh3_128()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return h.hexdigest()
+
+
+def cache_key(parts: dict[str, str]) -> str:
+    """One key from named fingerprints and settings (order-independent)."""
+    return xxhash.xxh3_128(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@torch.no_grad()
+def score_pairs(
+    model: PreTrainedModel,
+    pairs: PairDataset,
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    progress: Callable[[int], None] | None = None,
+) -> ReferenceLogps:
+    """Log-prob sums of every pair under ``model``, batched by length to waste little padding."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(pairs)), key=pairs.pair_tokens)
+    chosen = torch.empty(len(pairs), dtype=torch.float32)
+    rejected = torch.empty(len(pairs), dtype=torch.float32)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = collate_pairs(pairs, index, pad_token_id).to(device)
+        with autocast():
+            c, r, _, _ = sequence_logps(model, batch)
+        chosen[index] = c.float().cpu()
+        rejected[index] = r.float().cpu()
+        if progress is not None:
+            progress(len(index))
+    model.train(was_training)
+    return ReferenceLogps(chosen, rejected)
+
+
+class ReferenceCache:
+    """A directory of ``<key>.safetensors`` files, one per (reference, data split)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def load(self, key: str, n_pairs: int) -> ReferenceLogps | None:
+        """The cached sums, or None when absent or unusable (then they are recomputed)."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            tensors = load_file(str(path))
+            ref = ReferenceLogps(tensors["chosen"], tensors["rejected"])
+        except (SafetensorError, KeyError, OSError) as e:
+            log.warning("reference cache %s is unreadable (%s); recomputing", path, e)
+            return None
+        ok = ref.chosen.shape == ref.rejected.shape == (n_pairs,)
+        if not ok or not (torch.isfinite(ref.chosen).all() and torch.isfinite(ref.rejected).all()):
+            log.warning("reference cache %s does not match the data; recomputing", path)
+            return None
+        return ref
+
+    def save(self, key: str, ref: ReferenceLogps, metadata: dict[str, str]) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.path(key)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        meta = {**metadata, "format_version": FORMAT_VERSION, "created": time.ctime()}
+        save_file({"chosen": ref.chosen.contiguous(), "rejected": ref.rejected.contiguous()},
+                  str(tmp), metadata=meta)  # fmt: skip
+        os.replace(tmp, path)
+        return path
+
+
+def cached_reference_logps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: dict[str, PairDataset],
+    *,
+    cache: ReferenceCache,
+    settings: dict[str, str],
+    batch_size: int,
+    pad_token_id: int,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[dict[str, ReferenceLogps], dict[str, str]]:
+    """Reference sums of each split (e.g. train, eval), from the cache or computed and stored.
+
+    Returns ({split: sums}, {split: "reused <path>" | "computed <path>"}).
+    """
+    from tqdm.auto import tqdm
+
+    model_fp = model_fingerprint(model)
+    parts = {"model": model_fp, "tokenizer": tokenizer_fingerprint(tokenizer), **settings}
+    results: dict[str, ReferenceLogps] = {}
+    status: dict[str, str] = {}
+    for name, pairs in splits.items():
+        key = cache_key({**parts, "data": pairs.fingerprint()})
+        ref = cache.load(key, len(pairs))
+        if ref is not None:
+            log.info("reference log-probs (%s): reusing cache %s", name, cache.path(key))
+            status[name] = f"reused {cache.path(key)}"
+        else:
+            log.info("reference log-probs (%s): scoring %d pairs once", name, len(pairs))
+            with tqdm(total=len(pairs), desc=f"reference ({name})", unit="pair",
+                      leave=False) as bar:  # fmt: skip
+                ref = score_pairs(model, pairs, batch_size=batch_size, pad_token_id=pad_token_id,
+                                  device=device, autocast=autocast, progress=bar.update)  # fmt: skip
+            path = cache.save(key, ref, {**parts, "split": name, "pairs": str(len(pairs))})
+            log.info("reference log-probs (%s): cached in %s", name, path)
+            status[name] = f"computed {path}"
+        results[name] = ref
+    return results, status

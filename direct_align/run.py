@@ -1,0 +1,186 @@
+"""`direct-align train` from settings to outputs.
+
+Order matters for safety: every input is loaded and validated (config, output directory rules,
+model, tokenizer, data) and the reference pass is done before the output directory is touched,
+so bad input never costs existing work.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from direct_align.builtin.build import BuiltinAssets, BuiltinSpec, default_cache_dir, ensure_builtin
+from direct_align.builtin.task import true_reward
+from direct_align.config import TrainConfig, save_yaml, uses_reference
+from direct_align.data import PairDataset, PreparedData, prepare_pairs
+from direct_align.errors import ConfigError, DataError
+from direct_align.evaluate import generation_report
+from direct_align.models.loading import load_causal_lm, load_tokenizer
+from direct_align.outputs import RunDir, read_state
+from direct_align.reference import ReferenceCache, cached_reference_logps
+from direct_align.tracking import Tracker
+from direct_align.trainer import fit
+
+log = logging.getLogger(__name__)
+
+# Settings that may differ between a run and its --resume; any other difference is refused.
+RESUMABLE = {"resume", "overwrite", "max_steps_per_run", "report_to", "eval_every", "save_every",
+             "log_every", "save_total_limit", "run_name", "cache_dir", "eval_batch_size"}  # fmt: skip
+
+
+def split_holdout(pairs: PairDataset, fraction: float, seed: int) -> tuple[PairDataset, PairDataset]:
+    """A seeded random share of the pairs for evaluation (at least one), the rest for training."""
+    if len(pairs) < 2:
+        raise DataError(f"need at least 2 pairs to hold out an eval split, got {len(pairs)}")
+    n_eval = max(1, round(fraction * len(pairs)))
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    return pairs.subset(order[n_eval:]), pairs.subset(order[:n_eval])
+
+
+def _check_resume_config(run: RunDir, cfg: TrainConfig) -> None:
+    saved_path = run.path / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    differs = [f"{k}: {saved[k]!r} → {v!r}" for k, v in cfg.to_dict().items()
+               if k not in RESUMABLE and k in saved and saved[k] != v]  # fmt: skip
+    if differs:
+        raise ConfigError(f"--resume: settings differ from {saved_path} ({'; '.join(differs)})")
+
+
+def _prepare(source: str, tokenizer: Any, cfg: TrainConfig, split: str) -> PreparedData:
+    data = prepare_pairs(source, tokenizer, fmt=cfg.format, max_length=cfg.max_length,
+                         max_prompt_length=cfg.max_prompt_length, split=split)  # fmt: skip
+    log.info("%s: %s format, %s", source, data.format, data.stats.describe())
+    return data
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Train as configured; returns the summary, or None when stopped early for a later resume."""
+    started = time.time()
+    run = RunDir(cfg.output_dir)
+    run.check(resume=cfg.resume, overwrite=cfg.overwrite)
+    if cfg.resume:
+        _check_resume_config(run, cfg)
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+
+    # 1. inputs: the built-in task fills in whatever was not given
+    assets: BuiltinAssets | None = None
+    if cfg.model is None or cfg.dataset is None:
+        assets = ensure_builtin(cache_dir, BuiltinSpec())
+    model_path = cfg.model or str(assets.model_dir)
+    tokenizer = load_tokenizer(model_path)
+    train_source = cfg.dataset or str(assets.train_file(cfg.label_noise))
+    train = _prepare(train_source, tokenizer, cfg, cfg.split).pairs
+    if cfg.eval_dataset:
+        evals = _prepare(cfg.eval_dataset, tokenizer, cfg, cfg.eval_split or cfg.split).pairs
+    elif cfg.dataset is None:
+        evals = _prepare(str(assets.eval_file), tokenizer, cfg, "train").pairs
+    else:
+        train, evals = split_holdout(train, cfg.eval_fraction, cfg.seed)
+    log.info("pairs: %d train, %d eval", len(train), len(evals))
+
+    # 2. models; the reference scores every pair once, then only the policy stays in memory
+    bf16 = cfg.precision == "bf16" or (
+        cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    set_seed(cfg.seed)
+    policy = load_causal_lm(model_path, attn=cfg.attn)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    refs, ref_status = {}, {}
+    if uses_reference(cfg):
+        reference = policy
+        if cfg.ref_model:
+            reference = load_causal_lm(cfg.ref_model, attn=cfg.attn, option="--ref-model")
+        reference.to(accelerator.device)
+        settings = {"precision": "bf16" if bf16 else "fp32", "version": "1"}
+        refs, ref_status = cached_reference_logps(
+            reference, tokenizer, {"train": train, "eval": evals},
+            cache=ReferenceCache(cache_dir / "reference"), settings=settings,
+            batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+            pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
+            autocast=accelerator.autocast,
+        )  # fmt: skip
+        del reference
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # 3. outputs: only now is the output directory created or (with --overwrite) emptied
+    run.prepare(overwrite=cfg.overwrite)
+    if not cfg.resume:
+        save_yaml(cfg, run.path / "config.yaml")
+    resume_step = None
+    if cfg.resume:
+        resume_step = read_state(run.last_checkpoint())["train_state"]["step"]
+    tracker = Tracker(run.path, report_to=cfg.report_to, project=cfg.wandb_project,
+                      run_name=cfg.run_name or run.path.name, config=cfg.to_dict(),
+                      resume_step=resume_step)  # fmt: skip
+    try:
+        initial = _first_eval(run)
+        state, eval_metrics, finished = fit(policy, train, evals, refs, cfg=cfg,
+                                            accelerator=accelerator, run=run, tracker=tracker,
+                                            pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        if not finished:
+            return None
+        model = accelerator.unwrap_model(policy)
+        _save_final(model, tokenizer, run)
+        initial = initial or _first_eval(run)
+        summary: dict[str, Any] = {
+            "loss": cfg.loss, "beta": cfg.beta, "steps": state.step,
+            "epochs": state.pairs_seen / len(train), "train_pairs": len(train),
+            "eval_pairs": len(evals), "initial": initial, "final": eval_metrics,
+            "reference_cache": ref_status, "runtime_s": round(time.time() - started, 1),
+        }  # fmt: skip
+        if cfg.dataset is None:
+            summary["builtin"] = _builtin_report(model, model_path, tokenizer, assets, cfg)
+        tracker.summary({**eval_metrics, **summary.get("builtin", {})})
+        run.write_json("summary.json", summary)
+        return summary
+    finally:
+        tracker.close()
+
+
+def _first_eval(run: RunDir) -> dict[str, float]:
+    """The step-0 eval record of metrics.jsonl (the initial policy), if logged."""
+    path = run.path / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("step") == 0 and any(k.startswith("eval/") for k in record):
+            return {k: v for k, v in record.items() if k != "step"}
+    return {}
+
+
+def _save_final(model: Any, tokenizer: Any, run: RunDir) -> None:
+    tmp = run.final.with_name("final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, run.final)
+    log.info("saved %s", run.final)
+
+
+def _builtin_report(model: Any, reference_path: str, tokenizer: Any, assets: BuiltinAssets,
+                    cfg: TrainConfig) -> dict[str, float]:  # fmt: skip
+    """True reward and KL of samples on held-out prompts of the built-in task."""
+    reference = load_causal_lm(reference_path).to(next(model.parameters()).device)
+    report = generation_report(model, reference, tokenizer, assets.held_out_prompts(cfg.eval_prompts),
+                               reward=true_reward, max_new_tokens=BuiltinSpec().max_new_tokens,
+                               seed=cfg.seed)  # fmt: skip
+    del reference
+    return report

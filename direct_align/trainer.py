@@ -1,0 +1,226 @@
+"""The offline preference loop: one readable function on ``accelerate.Accelerator``.
+
+Per optimizer step: ``grad_accum`` micro-batches of pairs → policy log-prob sums → loss against
+the cached reference sums → backward, each micro-batch weighted by its share of the step's pairs
+(so a short last step of an epoch is still a mean over its pairs) → clip → AdamW → schedule.
+The data order is a seeded permutation per epoch, so the position (epoch, micro-batch) is all a
+checkpoint needs to resume the exact same sequence of batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import (
+    PreTrainedModel,
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
+
+from direct_align.config import TrainConfig
+from direct_align.data import PairDataset, collate_pairs
+from direct_align.errors import DirectAlignError
+from direct_align.evaluate import evaluate_pairs
+from direct_align.losses import LOSSES, preference_loss
+from direct_align.models.logprobs import sequence_logps
+from direct_align.outputs import RunDir, read_state
+from direct_align.reference import ReferenceLogps
+from direct_align.tracking import Tracker
+
+log = logging.getLogger(__name__)
+SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup,
+             "constant": get_constant_schedule_with_warmup}  # fmt: skip
+
+
+class Interrupted(DirectAlignError):
+    """Training stopped by a signal after saving a checkpoint."""
+
+
+@dataclass
+class TrainState:
+    """Where training is: everything besides weights, optimizer and RNG that resuming needs."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current pass over the data
+    micro: int = 0  # micro-batches of this epoch already consumed
+    pairs_seen: int = 0
+
+
+def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The extra settings (label_smoothing, gamma) that the chosen loss accepts."""
+    given = {"label_smoothing": cfg.label_smoothing, "gamma": cfg.gamma}
+    return {k: v for k, v in given.items() if k in LOSSES[cfg.loss].options}
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch: a permutation seeded by (seed, epoch), then chunks."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def steps_per_epoch(n: int, cfg: TrainConfig) -> int:
+    return math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
+
+
+def step_groups(n: int, cfg: TrainConfig, state: TrainState) -> Iterator[list[list[int]]]:
+    """Yield the micro-batches of each optimizer step from ``state`` on (epochs repeat)."""
+    while True:
+        micro = epoch_batches(n, cfg.batch_size, cfg.seed, state.epoch)
+        while state.micro < len(micro):
+            yield micro[state.micro : state.micro + cfg.grad_accum]
+        state.epoch, state.micro = state.epoch + 1, 0
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def fit(
+    model: PreTrainedModel,
+    train: PairDataset,
+    evals: PairDataset,
+    refs: dict[str, ReferenceLogps],
+    *,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    run: RunDir,
+    tracker: Tracker,
+    pad_token_id: int,
+) -> tuple[TrainState, dict[str, float], bool]:
+    """Train until the last step or ``max_steps_per_run``.
+
+    Returns (state, last eval metrics, finished). Raises :class:`Interrupted` after saving a
+    checkpoint on SIGTERM/SIGINT, and :class:`DirectAlignError` on a non-finite loss (before it
+    reaches the weights).
+    """
+    device = accelerator.device
+    total = cfg.max_steps or steps_per_epoch(len(train), cfg) * cfg.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)  # fmt: skip
+    warmup = round(cfg.warmup_ratio * total)
+    kwargs = {} if cfg.lr_scheduler == "constant" else {"num_training_steps": total}
+    scheduler = SCHEDULES[cfg.lr_scheduler](optimizer, num_warmup_steps=warmup, **kwargs)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    state = TrainState()
+    if cfg.resume:
+        checkpoint = run.last_checkpoint()
+        accelerator.load_state(str(checkpoint))
+        state = TrainState(**read_state(checkpoint)["train_state"])
+        log.info("resuming from %s (step %d of %d)", checkpoint, state.step, total)
+
+    ref_train, ref_eval = refs.get("train"), refs.get("eval")
+    extra = loss_kwargs(cfg)
+    eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
+
+    def evaluate() -> dict[str, float]:
+        metrics = evaluate_pairs(model, evals, ref_eval, loss=cfg.loss, beta=cfg.beta,
+                                 loss_kwargs=extra, batch_size=eval_batch,
+                                 pad_token_id=pad_token_id, device=device,
+                                 autocast=accelerator.autocast)  # fmt: skip
+        metrics = {f"eval/{k}": v for k, v in metrics.items()}
+        tracker.log(metrics, state.step)
+        return metrics
+
+    def checkpoint() -> None:
+        run.save_checkpoint(state.step, lambda d: accelerator.save_state(str(d)),
+                            {"train_state": asdict(state), "total_steps": total},
+                            keep=cfg.save_total_limit)  # fmt: skip
+
+    stop_signal: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}  # fmt: skip
+    eval_metrics = evaluate() if state.step == 0 else {}
+    window: dict[str, float] = {}  # sums of step metrics since the last log
+    window_steps, tokens, t_window, steps_this_run = 0, 0, time.perf_counter(), 0
+    bar = tqdm(total=total, initial=state.step, desc=f"train ({cfg.loss})", unit="step")
+    groups = step_groups(len(train), cfg, state)
+    try:
+        while state.step < total:
+            group = next(groups)
+            n_pairs = sum(map(len, group))
+            step_metrics: dict[str, float] = {}
+            model.train()
+            for k, index in enumerate(group):
+                batch = collate_pairs(train, index, pad_token_id).to(device)
+                sync = k == len(group) - 1
+                with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                    chosen, rejected, chosen_len, rejected_len = sequence_logps(model, batch)
+                    ref_c, ref_r = ref_train.select(batch.index.cpu()) if ref_train else (None, None)
+                    loss, metrics = preference_loss(
+                        cfg.loss, chosen_logps=chosen, rejected_logps=rejected,
+                        ref_chosen_logps=None if ref_c is None else ref_c.to(device),
+                        ref_rejected_logps=None if ref_r is None else ref_r.to(device),
+                        chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+                        beta=cfg.beta, **extra,
+                    )  # fmt: skip
+                if not torch.isfinite(loss):
+                    raise DirectAlignError(
+                        f"step {state.step + 1}: the loss is {loss.item()} (non-finite); the "
+                        f"weights were not updated; last checkpoint: {run.last_checkpoint()}")
+                accelerator.backward(loss * len(index) / n_pairs)
+                for key, value in {"loss": loss.item(), **metrics}.items():
+                    step_metrics[key] = step_metrics.get(key, 0.0) + value * len(index) / n_pairs
+                tokens += int(batch.attention_mask.sum())
+                state.micro += 1
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or 1e30)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.pairs_seen += n_pairs
+            steps_this_run += 1
+            step_metrics["grad_norm"] = float(grad_norm)
+            for key, value in step_metrics.items():
+                window[key] = window.get(key, 0.0) + value
+            window_steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_metrics['loss']:.3f}",
+                            acc=f"{step_metrics['rewards/accuracies']:.2f}")  # fmt: skip
+
+            if state.step % cfg.log_every == 0 or state.step == total:
+                elapsed = time.perf_counter() - t_window
+                logged = {f"train/{k}": v / window_steps for k, v in window.items()}
+                logged |= {"train/lr": scheduler.get_last_lr()[0],
+                           "train/epoch": state.pairs_seen / len(train),
+                           "perf/tokens_per_s": tokens / elapsed,
+                           "perf/peak_mem_gb": peak_memory_gb(device)}  # fmt: skip
+                tracker.log(logged, state.step)
+                window, window_steps, tokens, t_window = {}, 0, 0, time.perf_counter()
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total:
+                eval_metrics = evaluate()
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
+                checkpoint()
+            if stop_signal or (cfg.max_steps_per_run and steps_this_run >= cfg.max_steps_per_run
+                               and state.step < total):  # fmt: skip
+                checkpoint()
+                if stop_signal:
+                    raise Interrupted(f"stopped by signal {stop_signal[0]} at step {state.step}; "
+                                      f"checkpoint saved, continue with --resume")  # fmt: skip
+                log.info("stopping after %d steps in this run (step %d of %d); continue with "
+                         "--resume", steps_this_run, state.step, total)  # fmt: skip
+                return state, eval_metrics, False
+    finally:
+        bar.close()
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    eval_metrics = evaluate()
+    return state, eval_metrics, True
+
