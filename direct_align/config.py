@@ -97,7 +97,7 @@ _TYPES = get_type_hints(TrainConfig)
 
 # The built-in task's tuned recipe (see docs/builtin.md); applied under YAML and CLI values.
 BUILTIN_PRESET: dict[str, Any] = {
-    "learning_rate": 1e-3,
+    "learning_rate": 1e-4,
     "batch_size": 32,
     "epochs": 2,
     "warmup_ratio": 0.1,
@@ -137,8 +137,8 @@ def coerce(name: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: '{name}' must be {tp.__name__}, got {value!r}") from None
     choices = FIELDS[name].metadata.get("choices")
     if choices and value not in choices:
-        kind = "loss" if name == "loss" else name
-        raise ConfigError(f"{where}: unknown {kind} '{value}' (choose from {', '.join(choices)})")
+        prefix = "" if where.startswith("--") else f"{where}: "  # a flag names itself below
+        raise ConfigError(f"{prefix}unknown {name} '{value}' (choose from {', '.join(choices)})")
     return value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ class Tracker:
                 raise ConfigError("--report-to wandb: wandb is not installed "
                                   "(pip install wandb)") from None  # fmt: skip
             id_file = output_dir / "wandb_run_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self._wandb = wandb.init(project=project, name=run_name, id=run_id, resume="allow",
                                      config=config, dir=str(output_dir))  # fmt: skip

@@ -1,0 +1,66 @@
+"""The built-in task: its hidden reward, its tokenizer, and the default command end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from direct_align.builtin.task import sample_corpus, sample_prompts, true_reward
+
+
+@pytest.mark.parametrize(
+    ("text", "reward"),
+    [
+        (" was great. i loved it.", 1.0),  # two positive words
+        (" was awful and boring.", 0.0),  # two negative words
+        (" was great but the plot was dull. i would skip it.", 1 / 3),  # 1 positive, 2 negative
+        (" was long.", 0.5),  # no sentiment word
+        ("GREAT, Superb!", 1.0),  # case and punctuation do not matter
+        (" was greatness.", 0.5),  # whole words only
+    ],
+)
+def test_true_reward_hand_values(text: str, reward: float) -> None:
+    assert true_reward(text) == pytest.approx(reward)
+
+
+def test_corpus_and_prompts_are_deterministic_and_prompts_are_neutral() -> None:
+    assert sample_corpus(20, seed=5) == sample_corpus(20, seed=5) != sample_corpus(20, seed=6)
+    prompts = sample_prompts(200, seed=9)
+    assert all(true_reward(p) == 0.5 and not p.endswith(".") for p in prompts)
+    assert len(set(prompts)) > 20
+
+
+def test_tokenizer_round_trips_and_has_a_chat_template(tiny_tokenizer) -> None:
+    text = "the film was superb. i would recommend it."
+    ids = tiny_tokenizer(text, add_special_tokens=False).input_ids
+    assert tiny_tokenizer.decode(ids) == text
+    assert len(ids) < len(text) / 2  # BPE merged the domain's words
+    odd = "naïve café 🙂"  # byte level: text outside the corpus still round-trips
+    assert tiny_tokenizer.decode(tiny_tokenizer(odd, add_special_tokens=False).input_ids) == odd
+    rendered = tiny_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                  tokenize=False, add_generation_prompt=True)  # fmt: skip
+    assert rendered == "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.slow
+def test_default_command_raises_the_hidden_reward(tmp_path: Path) -> None:
+    """`direct-align train --loss dpo` with nothing else: builds the task, trains, reports."""
+    env = {**os.environ, "DIRECT_ALIGN_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "direct_align", "train", "--loss", "dpo"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "built-in task: building it once" in result.stderr
+    assert "true reward of samples (hidden, ↑)" in result.stdout
+    run = next((tmp_path / "runs").glob("dpo-*"))
+    builtin = json.loads((run / "summary.json").read_text())["builtin"]
+    assert builtin["policy/true_reward"] > builtin["reference/true_reward"] + 0.2
+    assert builtin["policy/kl"] > 0
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert 1_000_000 < model.num_parameters() < 10_000_000
+    assert AutoTokenizer.from_pretrained(run / "final").chat_template is not None
