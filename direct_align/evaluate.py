@@ -76,6 +76,7 @@ def sample(
     """One sampled response per prompt (ancestral sampling, no top-k/top-p), ending at EOS.
 
     Batched ``generate`` with a KV cache on left-padded prompts; the global RNG is left as found.
+    Deterministic for a given (seed, batch_size): batches draw from one random stream in turn.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -160,7 +161,7 @@ def generation_report(
         responses = sample(model, prompt_ids, **common)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         report[f"{name}/true_reward"] = mean(map(reward, texts))
-        report[f"{name}/response_tokens"] = mean(map(len, responses))
+        report[f"{name}/response_tokens"] = float(mean(map(len, responses)))
     pad = tokenizer.pad_token_id
     logp_policy = score_responses(policy, prompt_ids, responses, pad_token_id=pad)
     logp_ref = score_responses(reference, prompt_ids, responses, pad_token_id=pad)

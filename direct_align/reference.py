@@ -27,9 +27,11 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from direct_align.data import PairDataset, collate_pairs
 from direct_align.models.logprobs import sequence_logps
+from direct_align.progress import progress
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = "1"
+_LOCATION_KEYS = ("_name_or_path", "_commit_hash")
 
 
 @dataclass
@@ -45,9 +47,14 @@ class ReferenceLogps:
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:
-    """xxh3-128 over every parameter and buffer: names, dtypes, shapes and bytes."""
+    """xxh3-128 over the architecture and every parameter and buffer: names, dtypes, shapes, bytes.
+
+    The directory the model was loaded from is left out: the same weights moved or copied keep
+    their fingerprint.
+    """
     h = xxhash.xxh3_128()
-    h.update(model.config.to_json_string(use_diff=False).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _LOCATION_KEYS}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
@@ -56,10 +63,18 @@ def model_fingerprint(model: PreTrainedModel) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """xxh3-128 of the vocabulary, merges, normalisation, special tokens and chat template."""
+    """xxh3-128 of the vocabulary, merges, normalisation, special tokens and chat template.
+
+    The padding and truncation state that the last call left on a fast tokenizer is left out.
+    """
     h = xxhash.xxh3_128()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    if backend is not None:
+        state = {k: v for k, v in json.loads(backend.to_str()).items()
+                 if k not in ("padding", "truncation")}  # fmt: skip
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
     h.update(str(getattr(tokenizer, "chat_template", None)).encode())
     return h.hexdigest()
@@ -153,8 +168,6 @@ def cached_reference_logps(
 
     Returns ({split: sums}, {split: "reused <path>" | "computed <path>"}).
     """
-    from tqdm.auto import tqdm
-
     model_fp = model_fingerprint(model)
     parts = {"model": model_fp, "tokenizer": tokenizer_fingerprint(tokenizer), **settings}
     results: dict[str, ReferenceLogps] = {}
@@ -167,8 +180,8 @@ def cached_reference_logps(
             status[name] = f"reused {cache.path(key)}"
         else:
             log.info("reference log-probs (%s): scoring %d pairs once", name, len(pairs))
-            with tqdm(total=len(pairs), desc=f"reference ({name})", unit="pair",
-                      leave=False) as bar:  # fmt: skip
+            with progress(total=len(pairs), desc=f"reference ({name})", unit="pair",
+                          leave=False) as bar:  # fmt: skip
                 ref = score_pairs(model, pairs, batch_size=batch_size, pad_token_id=pad_token_id,
                                   device=device, autocast=autocast, progress=bar.update)  # fmt: skip
             path = cache.save(key, ref, {**parts, "split": name, "pairs": str(len(pairs))})

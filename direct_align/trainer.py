@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers import (
     PreTrainedModel,
     get_constant_schedule_with_warmup,
@@ -36,6 +35,7 @@ from direct_align.evaluate import evaluate_pairs
 from direct_align.losses import LOSSES, preference_loss
 from direct_align.models.logprobs import sequence_logps
 from direct_align.outputs import RunDir, read_state
+from direct_align.progress import progress
 from direct_align.reference import ReferenceLogps
 from direct_align.tracking import Tracker
 
@@ -76,7 +76,11 @@ def steps_per_epoch(n: int, cfg: TrainConfig) -> int:
 
 
 def step_groups(n: int, cfg: TrainConfig, state: TrainState) -> Iterator[list[list[int]]]:
-    """Yield the micro-batches of each optimizer step from ``state`` on (epochs repeat)."""
+    """Yield the micro-batches of each optimizer step from ``state`` on (epochs repeat).
+
+    The caller advances ``state.micro`` by one per micro-batch it trains on (as :func:`fit`
+    does), so that ``state`` is always the position to checkpoint; the generator only reads it.
+    """
     while True:
         micro = epoch_batches(n, cfg.batch_size, cfg.seed, state.epoch)
         while state.micro < len(micro):
@@ -150,7 +154,7 @@ def fit(
     eval_metrics = evaluate() if state.step == 0 else {}
     window: dict[str, float] = {}  # sums of step metrics since the last log
     window_steps, tokens, t_window, steps_this_run = 0, 0, time.perf_counter(), 0
-    bar = tqdm(total=total, initial=state.step, desc=f"train ({cfg.loss})", unit="step")
+    bar = progress(total=total, initial=state.step, desc=f"train ({cfg.loss})", unit="step")
     groups = step_groups(len(train), cfg, state)
     try:
         while state.step < total:

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 import xxhash
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from direct_align.builtin.task import sample_corpus, sample_prompts, true_reward
 from direct_align.builtin.tokenizer import build_tokenizer
 from direct_align.evaluate import encode_prompts, sample
+from direct_align.progress import progress
 
 log = logging.getLogger(__name__)
 RECIPE_VERSION = 1
@@ -152,7 +152,8 @@ def _fit_base_model(corpus: list[str], tokenizer: PreTrainedTokenizerFast,
     )
     rng = random.Random(spec.seed)
     model.train()
-    bar = tqdm(range(spec.sft_steps), desc="built-in task: base model (SFT)", unit="step")
+    bar = progress(iterable=range(spec.sft_steps), desc="built-in task: base model (SFT)",
+                   unit="step")
     for _ in bar:
         batch = rng.sample(rows, spec.sft_batch_size)
         width = max(map(len, batch))
@@ -174,7 +175,7 @@ def _sample_candidates(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
     """``n`` prompts with two samples of different true reward each."""
     out: list[dict] = []
     seed = spec.seed + 1
-    with tqdm(total=n, desc="built-in task: preference pairs", unit="pair") as bar:
+    with progress(total=n, desc="built-in task: preference pairs", unit="pair") as bar:
         while len(out) < n:
             prompts = sample_prompts(n, seed=seed)
             ids = encode_prompts(tokenizer, prompts)

@@ -23,7 +23,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     logps = -F.cross_entropy(
         logits.float().flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none"
     ).view_as(labels)
-    return logps * mask, mask
+    return torch.where(mask, logps, 0.0), mask  # not logps * mask: -inf * 0 would be NaN
 
 
 def sequence_logps(

@@ -1,0 +1,264 @@
+"""Held-out preference metrics, sampling, response scoring and the generation report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from direct_align.builtin.task import sample_prompts
+from direct_align.data import PairDataset, TextPairs, collate_pairs, tokenize_pairs
+from direct_align.evaluate import (
+    encode_prompts,
+    evaluate_pairs,
+    generation_report,
+    sample,
+    score_responses,
+)
+from direct_align.models.logprobs import sequence_logps
+from direct_align.reference import score_pairs
+from prefdata import text_pairs
+
+CPU = torch.device("cpu")
+TOL = {"rel": 1e-6, "abs": 1e-5}
+
+
+@torch.no_grad()
+def manual_logp(model: LlamaForCausalLM, prompt: list[int], response: list[int]) -> float:
+    """log p(response | prompt): one unpadded sequence, log_softmax and a gather loop."""
+    ids = prompt + response
+    logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+    return sum(logp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
+
+
+def eos_prone_model(tokenizer: PreTrainedTokenizerFast, seed: int, eos_bias: float = 4.0):
+    """A tiny model whose output layer favours EOS (p ~ 0.1 a step), so samples end early."""
+    model = make_tiny_model(tokenizer, seed=seed)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = eos_bias
+    model.lm_head = head
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_tokenizer: PreTrainedTokenizerFast) -> list[list[int]]:
+    return encode_prompts(tiny_tokenizer, sample_prompts(12, seed=4))
+
+
+@pytest.fixture(scope="module")
+def eval_pairs(tiny_tokenizer: PreTrainedTokenizerFast) -> PairDataset:
+    triples = text_pairs(7, seed=21)
+    texts = TextPairs([p for p, _, _ in triples], [c for _, c, _ in triples],
+                      [r for _, _, r in triples], format="standard", templated=False)  # fmt: skip
+    return tokenize_pairs(texts, tiny_tokenizer, max_length=64, source="test")[0]
+
+
+# ----------------------------------------------------------------------------- encode_prompts
+
+
+def test_encode_prompts_adds_bos_once(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    bos = tiny_tokenizer.bos_token_id
+    plain = tiny_tokenizer("the film", add_special_tokens=False).input_ids
+    ids = encode_prompts(tiny_tokenizer, ["the film", "<s>the film"])
+    assert ids == [[bos, *plain], [bos, *plain]]
+
+
+# ----------------------------------------------------------------------------- sample
+
+
+def test_sample_is_seeded_and_stops_at_eos(
+    tiny_tokenizer: PreTrainedTokenizerFast, prompt_ids: list[list[int]]
+) -> None:
+    model = eos_prone_model(tiny_tokenizer, seed=0)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    kw = dict(max_new_tokens=10, eos_token_id=eos, pad_token_id=pad, batch_size=5)
+    first = sample(model, prompt_ids, seed=7, **kw)
+    assert sample(model, prompt_ids, seed=7, **kw) == first
+    assert sample(model, prompt_ids, seed=8, **kw) != first
+
+    assert len(first) == len(prompt_ids)
+    ended = [r for r in first if eos in r]
+    assert ended and len(ended) < len(first)  # both kinds occur, so the checks below bite
+    for response in first:
+        assert 1 <= len(response) <= 10
+        assert eos not in response[:-1]  # EOS only ever as the last token
+        if response[-1] != eos:
+            assert len(response) == 10  # no EOS: ran to max_new_tokens
+    assert any(len(r) < 10 for r in ended)  # some stopped early
+
+
+def test_sample_leaves_the_global_rng_and_mode_alone(
+    tiny_tokenizer: PreTrainedTokenizerFast, prompt_ids: list[list[int]]
+) -> None:
+    model = make_tiny_model(tiny_tokenizer, seed=1)
+    model.train()
+    kw = dict(max_new_tokens=6, eos_token_id=tiny_tokenizer.eos_token_id,
+              pad_token_id=tiny_tokenizer.pad_token_id, seed=3)  # fmt: skip
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    out_a = sample(model, prompt_ids[:4], **kw)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert model.training
+    torch.manual_seed(456)  # another global state: same samples, they depend on `seed` only
+    assert sample(model, prompt_ids[:4], **kw) == out_a
+
+
+def test_sample_does_not_depend_on_left_padding(
+    tiny_tokenizer: PreTrainedTokenizerFast, prompt_ids: list[list[int]]
+) -> None:
+    # Near-greedy sampling (very low temperature) must continue each prompt the same way alone
+    # and left-padded next to a much longer prompt. Attention outputs are scaled up so that
+    # attending to the padding (a wrong mask) would visibly change the continuations.
+    model = make_tiny_model(tiny_tokenizer, seed=2)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(10.0)
+    kw = dict(max_new_tokens=6, eos_token_id=tiny_tokenizer.eos_token_id,
+              pad_token_id=tiny_tokenizer.pad_token_id, temperature=1e-4)  # fmt: skip
+    long = prompt_ids[0] + prompt_ids[1] + prompt_ids[2]
+    shorts = prompt_ids[3:9]
+    assert all(len(long) > len(p) + 5 for p in shorts)
+    alone = [sample(model, [p], **kw)[0] for p in shorts]
+    padded = sample(model, [long, *shorts], **kw)
+    assert padded[1:] == alone
+
+
+# ----------------------------------------------------------------------------- score_responses
+
+
+def test_score_responses_matches_manual_computation(
+    tiny_tokenizer: PreTrainedTokenizerFast, prompt_ids: list[list[int]]
+) -> None:
+    model = make_tiny_model(tiny_tokenizer, seed=3)
+    model.train()
+    eos = tiny_tokenizer.eos_token_id
+    responses = [[40, 41, eos], [50, 51, 52, 53, 54, 55, 56, 57, eos], [60], [70, 71, 72, 73]]
+    prompts = prompt_ids[:4]
+    sums = score_responses(model, prompts, responses, pad_token_id=tiny_tokenizer.pad_token_id,
+                           batch_size=3)  # fmt: skip
+    assert model.training
+    assert sums.shape == (4,) and sums.dtype == torch.float32
+    model.eval()
+    for k in range(4):
+        assert sums[k].item() == pytest.approx(manual_logp(model, prompts[k], responses[k]), **TOL)
+
+
+# ----------------------------------------------------------------------------- generation_report
+
+
+def test_generation_report_of_a_model_against_itself(
+    tiny_tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    model = eos_prone_model(tiny_tokenizer, seed=4)
+    prompts = sample_prompts(6, seed=5)
+    report = generation_report(model, model, tiny_tokenizer, prompts,
+                               reward=lambda text: float(len(text)), max_new_tokens=8,
+                               seed=11, batch_size=4)  # fmt: skip
+    assert set(report) == {
+        "reference/true_reward",
+        "reference/response_tokens",
+        "policy/true_reward",
+        "policy/response_tokens",
+        "policy/kl",
+    }
+    for value in report.values():
+        assert isinstance(value, float | int) and not isinstance(value, bool)
+        assert math.isfinite(value)
+    assert isinstance(report["policy/kl"], float)
+    assert isinstance(report["policy/true_reward"], float)
+    assert report["policy/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert report["policy/true_reward"] == report["reference/true_reward"]
+    assert report["policy/response_tokens"] == report["reference/response_tokens"]
+    assert 0 < report["policy/response_tokens"] <= 8
+    # The reward is the mean decoded length of the samples (special tokens skipped).
+    responses = sample(model, encode_prompts(tiny_tokenizer, prompts), max_new_tokens=8,
+                       eos_token_id=tiny_tokenizer.eos_token_id,
+                       pad_token_id=tiny_tokenizer.pad_token_id, seed=11, batch_size=4)  # fmt: skip
+    texts = [tiny_tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    assert report["policy/true_reward"] == pytest.approx(sum(map(len, texts)) / len(texts))
+    assert report["policy/response_tokens"] == pytest.approx(
+        sum(map(len, responses)) / len(responses)
+    )
+
+
+def test_generation_report_kl_is_measured_on_policy_samples(
+    tiny_tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    policy = eos_prone_model(tiny_tokenizer, seed=6)
+    reference = eos_prone_model(tiny_tokenizer, seed=7)
+    prompts = sample_prompts(5, seed=8)
+    report = generation_report(policy, reference, tiny_tokenizer, prompts,
+                               reward=lambda text: text.count("e") / (1 + len(text)),
+                               max_new_tokens=6, seed=2)  # fmt: skip
+    ids = encode_prompts(tiny_tokenizer, prompts)
+    common = dict(max_new_tokens=6, eos_token_id=tiny_tokenizer.eos_token_id,
+                  pad_token_id=tiny_tokenizer.pad_token_id, seed=2)  # fmt: skip
+    policy_samples = sample(policy, ids, **common)
+    reference_samples = sample(reference, ids, **common)
+    assert policy_samples != reference_samples
+    kl = sum(manual_logp(policy, p, r) - manual_logp(reference, p, r)
+             for p, r in zip(ids, policy_samples)) / len(ids)  # fmt: skip
+    assert report["policy/kl"] == pytest.approx(kl, rel=1e-5, abs=1e-5)
+    assert report["reference/response_tokens"] == pytest.approx(
+        sum(map(len, reference_samples)) / len(ids)
+    )
+    assert report["policy/response_tokens"] == pytest.approx(
+        sum(map(len, policy_samples)) / len(ids)
+    )
+
+
+# ----------------------------------------------------------------------------- evaluate_pairs
+
+
+def test_evaluate_pairs_against_itself_is_log2_with_zero_margins(
+    tiny_tokenizer: PreTrainedTokenizerFast, eval_pairs: PairDataset
+) -> None:
+    model = make_tiny_model(tiny_tokenizer, seed=8)
+    pad = tiny_tokenizer.pad_token_id
+    ref = score_pairs(model, eval_pairs, batch_size=3, pad_token_id=pad, device=CPU)
+    model.train()
+    metrics = evaluate_pairs(model, eval_pairs, ref, loss="dpo", beta=0.1, loss_kwargs={},
+                             batch_size=3, pad_token_id=pad, device=CPU)  # fmt: skip
+    assert model.training
+    assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["rewards/margins"] == 0.0
+    assert metrics["rewards/chosen"] == metrics["rewards/rejected"] == 0.0
+    assert metrics["rewards/accuracies"] == 0.0
+
+    # logps/* are means over all 7 pairs (batches of 3, 3, 1 weighted by their pair counts).
+    model.eval()
+    chosen = []
+    for i in range(len(eval_pairs)):
+        with torch.no_grad():
+            c, _, _, _ = sequence_logps(model, collate_pairs(eval_pairs, [i], pad))
+        chosen.append(c.item())
+    assert metrics["logps/chosen"] == pytest.approx(sum(chosen) / len(chosen), **TOL)
+
+
+def test_evaluate_pairs_weights_batches_by_pairs(
+    tiny_tokenizer: PreTrainedTokenizerFast, eval_pairs: PairDataset
+) -> None:
+    # Reference-free DPO with a different reference-less policy: the loss over 7 pairs in
+    # batches of 3, 3, 1 must equal the mean of the per-pair losses, not the mean of batch means.
+    model = make_tiny_model(tiny_tokenizer, seed=9)
+    pad = tiny_tokenizer.pad_token_id
+    beta = 0.5
+    metrics = evaluate_pairs(model, eval_pairs, None, loss="dpo", beta=beta,
+                             loss_kwargs={"label_smoothing": 0.0}, batch_size=3,
+                             pad_token_id=pad, device=CPU)  # fmt: skip
+    losses, wins = [], []
+    for i in range(len(eval_pairs)):
+        p = eval_pairs.prompt_ids[i]
+        h = manual_logp(model, p, eval_pairs.chosen_ids[i]) - manual_logp(
+            model, p, eval_pairs.rejected_ids[i]
+        )
+        losses.append(math.log1p(math.exp(-beta * h)))  # -log sigma(beta * h)
+        wins.append(float(h > 0))
+    assert metrics["loss"] == pytest.approx(sum(losses) / len(losses), **TOL)
+    assert metrics["rewards/accuracies"] == pytest.approx(sum(wins) / len(wins))

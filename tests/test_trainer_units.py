@@ -1,0 +1,268 @@
+"""The trainer's pure parts: epoch order, step grouping and resume, loss options, and the
+micro-batch weighting used for gradient accumulation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from transformers import PreTrainedTokenizerFast
+
+from direct_align.config import TrainConfig
+from direct_align.data import PairDataset, collate_pairs
+from direct_align.losses import LOSSES, preference_loss
+from direct_align.models.logprobs import sequence_logps
+from direct_align.trainer import (
+    TrainState,
+    epoch_batches,
+    loss_kwargs,
+    step_groups,
+    steps_per_epoch,
+)
+
+# ----------------------------------------------------------------------------- epoch_batches
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(10, 3), (12, 4), (1, 8), (7, 1), (5, 5)])
+def test_epoch_batches_partition_the_data(n: int, batch_size: int) -> None:
+    batches = epoch_batches(n, batch_size, seed=3, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(n))
+    sizes = [len(b) for b in batches]
+    full, rest = divmod(n, batch_size)
+    assert sizes == [batch_size] * full + ([rest] if rest else [])
+
+
+def test_epoch_batches_are_seeded_by_seed_and_epoch() -> None:
+    n, bs = 50, 8
+    first = epoch_batches(n, bs, seed=1, epoch=0)
+    assert epoch_batches(n, bs, seed=1, epoch=0) == first
+    assert [i for b in first for i in b] != list(range(n))  # shuffled
+    epochs = [[i for b in epoch_batches(n, bs, seed=1, epoch=e) for i in b] for e in range(4)]
+    assert len({tuple(order) for order in epochs}) == 4  # each epoch its own order
+    assert epoch_batches(n, bs, seed=2, epoch=0) != first
+    # The order does not depend on the global RNG.
+    torch.manual_seed(999)
+    assert epoch_batches(n, bs, seed=1, epoch=0) == first
+
+
+# ----------------------------------------------------------------------------- steps_per_epoch
+
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "grad_accum", "expected"),
+    [(100, 8, 1, 13), (100, 8, 4, 4), (96, 8, 4, 3), (97, 8, 4, 4), (8, 8, 3, 1), (1, 1, 1, 1),
+     (25, 5, 2, 3)],
+)  # fmt: skip
+def test_steps_per_epoch(n: int, batch_size: int, grad_accum: int, expected: int) -> None:
+    cfg = TrainConfig(batch_size=batch_size, grad_accum=grad_accum)
+    assert steps_per_epoch(n, cfg) == expected
+
+
+# ----------------------------------------------------------------------------- step_groups
+
+
+def expected_groups(n: int, cfg: TrainConfig, epochs: int) -> list[tuple[int, list[list[int]]]]:
+    """(epoch, micro-batches) of every step of ``epochs`` epochs, built from epoch_batches."""
+    out = []
+    for epoch in range(epochs):
+        micro = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)
+        out += [
+            (epoch, micro[i : i + cfg.grad_accum]) for i in range(0, len(micro), cfg.grad_accum)
+        ]
+    return out
+
+
+def drive(n: int, cfg: TrainConfig, state: TrainState, steps: int) -> list[tuple[int, list]]:
+    """Consume ``steps`` groups the way ``fit`` does (state.micro advances per micro-batch).
+
+    A broken generator can loop forever inside ``next``; an alarm turns that into a failure.
+    """
+    groups = step_groups(n, cfg, state)
+    seen = []
+
+    def hang(signum: int, frame: object) -> None:
+        raise TimeoutError("step_groups did not yield")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(10)
+    try:
+        for _ in range(steps):
+            group = next(groups)
+            seen.append((state.epoch, group))
+            state.micro += len(group)
+            state.step += 1
+            state.pairs_seen += sum(map(len, group))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    return seen
+
+
+CFG = TrainConfig(batch_size=3, grad_accum=2, seed=5)
+N = 16  # 6 micro-batches (last of 1 pair), 3 steps an epoch
+
+
+def test_step_groups_walk_the_epochs_in_order() -> None:
+    state = TrainState()
+    per_epoch = steps_per_epoch(N, CFG)
+    assert per_epoch == 3
+    seen = drive(N, CFG, state, 3 * per_epoch)
+    assert seen == expected_groups(N, CFG, 3)
+    assert [len(group) for _, group in seen[:per_epoch]] == [2, 2, 2]
+    assert [len(b) for b in seen[2][1]] == [3, 1]  # the epoch's short last micro-batch
+    assert state.pairs_seen == 3 * N
+    # Within each epoch every pair is used exactly once.
+    for epoch in range(3):
+        pairs = [i for e, group in seen if e == epoch for b in group for i in b]
+        assert sorted(pairs) == list(range(N))
+
+
+def test_last_group_of_an_epoch_may_be_shorter_than_grad_accum() -> None:
+    cfg = TrainConfig(batch_size=2, grad_accum=3, seed=0)
+    n = 10  # 5 micro-batches: groups of 3 and 2
+    seen = drive(n, cfg, TrainState(), 4)
+    assert [(e, len(g)) for e, g in seen] == [(0, 3), (0, 2), (1, 3), (1, 2)]
+    assert steps_per_epoch(n, cfg) == 2
+
+
+@pytest.mark.parametrize(
+    ("n", "batch_size", "grad_accum"),
+    [(16, 3, 1), (10, 2, 2), (9, 2, 2), (7, 7, 3), (20, 3, 4), (1, 1, 2), (13, 4, 3)],
+)
+def test_every_epoch_uses_every_pair_once_in_steps_per_epoch_steps(
+    n: int, batch_size: int, grad_accum: int
+) -> None:
+    cfg = TrainConfig(batch_size=batch_size, grad_accum=grad_accum, seed=2)
+    per_epoch = steps_per_epoch(n, cfg)
+    seen = drive(n, cfg, TrainState(), 3 * per_epoch)
+    assert [e for e, _ in seen] == [e for e in range(3) for _ in range(per_epoch)]
+    for epoch in range(3):
+        groups = [g for e, g in seen if e == epoch]
+        assert all(1 <= len(g) <= grad_accum for g in groups)
+        assert [b for g in groups for b in g] == epoch_batches(n, batch_size, 2, epoch)
+
+
+@pytest.mark.parametrize("done", [1, 2, 3, 4, 5, 7])
+def test_resuming_from_a_saved_state_continues_the_same_sequence(done: int) -> None:
+    fresh_state = TrainState()
+    fresh = drive(N, CFG, fresh_state, done + 4)
+
+    state = TrainState()
+    drive(N, CFG, state, done)
+    saved = dataclasses.asdict(state)  # what a checkpoint stores
+    resumed_state = TrainState(**saved)
+    resumed = drive(N, CFG, resumed_state, 4)
+
+    assert resumed == fresh[done:]
+    assert resumed_state == fresh_state
+
+
+def test_resume_at_an_epoch_boundary_moves_to_the_next_epoch() -> None:
+    # After the last step of epoch 0, fit saves epoch=0 and micro=6 (the generator only moves
+    # on when asked for the next group); resuming must start epoch 1 at its first micro-batch.
+    state = TrainState()
+    drive(N, CFG, state, 3)
+    assert (state.epoch, state.micro, state.step) == (0, 6, 3)
+    resumed = TrainState(**dataclasses.asdict(state))
+    seen = drive(N, CFG, resumed, 1)
+    assert seen == [(1, epoch_batches(N, CFG.batch_size, CFG.seed, 1)[:2])]
+    assert (resumed.epoch, resumed.micro, resumed.step) == (1, 2, 4)  # micro was reset to 0
+    # Any state whose micro is at the end of its epoch does the same.
+    end = TrainState(step=6, epoch=1, micro=6)
+    assert drive(N, CFG, end, 1) == [(2, epoch_batches(N, CFG.batch_size, CFG.seed, 2)[:2])]
+    assert (end.epoch, end.micro) == (2, 2)
+
+
+def test_resume_mid_epoch_skips_consumed_micro_batches() -> None:
+    state = TrainState(step=1, epoch=2, micro=2)
+    seen = drive(N, CFG, state, 2)
+    micro = epoch_batches(N, CFG.batch_size, CFG.seed, 2)
+    assert seen == [(2, micro[2:4]), (2, micro[4:6])]
+    assert (state.epoch, state.micro, state.step) == (2, 6, 3)
+
+
+# ----------------------------------------------------------------------------- loss_kwargs
+
+
+@pytest.mark.parametrize(
+    ("loss", "expected"),
+    [("dpo", {"label_smoothing": 0.1}), ("robust", {"label_smoothing": 0.1}),
+     ("simpo", {"gamma": 0.3, "label_smoothing": 0.1}), ("orpo", {}), ("ipo", {}),
+     ("hinge", {})],
+)  # fmt: skip
+def test_loss_kwargs(loss: str, expected: dict[str, float]) -> None:
+    cfg = TrainConfig(loss=loss, label_smoothing=0.1, gamma=0.3)
+    assert loss_kwargs(cfg) == expected
+    # Whatever it returns, preference_loss accepts.
+    one = torch.tensor([-3.0, -4.0])
+    value, _ = preference_loss(loss, chosen_logps=one, rejected_logps=one - 1,
+                               chosen_lengths=torch.tensor([2.0, 3.0]),
+                               rejected_lengths=torch.tensor([2.0, 2.0]), beta=0.2,
+                               **loss_kwargs(cfg))  # fmt: skip
+    assert math.isfinite(value.item())
+
+
+def test_loss_kwargs_covers_every_registered_loss() -> None:
+    for name, spec in LOSSES.items():
+        assert set(loss_kwargs(TrainConfig(loss=name))) == set(spec.options)
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+
+def _random_pairs(n: int, seed: int) -> PairDataset:
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo: int, hi: int) -> list[int]:
+        length = int(torch.randint(lo, hi, (1,), generator=g))
+        return torch.randint(5, 380, (length,), generator=g).tolist()
+
+    return PairDataset([[1, *ids(2, 12)] for _ in range(n)], [[*ids(1, 9), 2] for _ in range(n)],
+                       [[*ids(1, 9), 2] for _ in range(n)])  # fmt: skip
+
+
+def test_micro_batch_weighting_equals_one_big_batch(
+    tiny_tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    data = _random_pairs(7, seed=1)
+    reference = make_tiny_model(tiny_tokenizer, seed=11).eval()
+    with torch.no_grad():
+        all_pairs = collate_pairs(data, list(range(7)), 0)
+        ref_c, ref_r, _, _ = sequence_logps(reference, all_pairs)
+
+    def loss_on(model: torch.nn.Module, index: list[int]) -> torch.Tensor:
+        chosen, rejected, _, _ = sequence_logps(model, collate_pairs(data, index, 0))
+        loss, _ = preference_loss("dpo", chosen_logps=chosen, rejected_logps=rejected,
+                                  ref_chosen_logps=ref_c[index], ref_rejected_logps=ref_r[index],
+                                  beta=0.5)  # fmt: skip
+        return loss
+
+    def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    model = make_tiny_model(tiny_tokenizer, seed=10).eval()  # eval: no dropout either way
+    loss_on(model, list(range(7))).backward()
+    whole = grads(model)
+
+    group = [[4, 0, 6], [2, 5, 1], [3]]  # uneven micro-batches, as at the end of an epoch
+    n_pairs = sum(map(len, group))
+    for index in group:  # the weighting of fit(): loss_i * n_i / N
+        (loss_on(model, index) * len(index) / n_pairs).backward()
+    accumulated = grads(model)
+
+    for index in group:  # the naive mean of micro-batch means, for contrast
+        (loss_on(model, index) / len(group)).backward()
+    naive = grads(model)
+
+    assert whole.keys() == accumulated.keys() and len(whole) > 10
+    for name, g in whole.items():
+        assert g.abs().max() > 0
+        torch.testing.assert_close(accumulated[name], g, rtol=0, atol=1e-6)
+    worst = max((naive[n] - g).abs().max().item() for n, g in whole.items())
+    assert worst > 1e-4  # the check above can tell a wrong weighting apart
