@@ -27,8 +27,9 @@ def _train_options(command: Callable[..., Any]) -> Callable[..., Any]:
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(f.name)
         choices = f.metadata.get("choices")
-        default = f.default if f.default is not None else "none"
-        text = f"{f.metadata['help']} [default: {default}]"
+        text = f.metadata["help"]
+        if f.default is not None and "default:" not in text:  # computed defaults say so
+            text += f" [default: {f.default}]"
         if tp is bool:
             option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=text)
         else:

@@ -197,7 +197,7 @@ def fit(
             window_steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{step_metrics['loss']:.3f}",
-                            acc=f"{step_metrics['rewards/accuracies']:.2f}")  # fmt: skip
+                            acc=f"{step_metrics['rewards/accuracies']:.2f}", refresh=False)  # fmt: skip
 
             if state.step % cfg.log_every == 0 or state.step == total:
                 elapsed = time.perf_counter() - t_window

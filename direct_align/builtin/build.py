@@ -165,7 +165,7 @@ def _fit_base_model(corpus: list[str], tokenizer: PreTrainedTokenizerFast,
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
     return model
 
