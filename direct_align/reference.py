@@ -169,7 +169,8 @@ def cached_reference_logps(
     Returns ({split: sums}, {split: "reused <path>" | "computed <path>"}).
     """
     model_fp = model_fingerprint(model)
-    parts = {"model": model_fp, "tokenizer": tokenizer_fingerprint(tokenizer), **settings}
+    parts = {"model": model_fp, "tokenizer": tokenizer_fingerprint(tokenizer),
+             "format_version": FORMAT_VERSION, **settings}  # fmt: skip
     results: dict[str, ReferenceLogps] = {}
     status: dict[str, str] = {}
     for name, pairs in splits.items():

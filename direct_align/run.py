@@ -106,7 +106,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
         if cfg.ref_model:
             reference = load_causal_lm(cfg.ref_model, attn=cfg.attn, option="--ref-model")
         reference.to(accelerator.device)
-        settings = {"precision": "bf16" if bf16 else "fp32", "version": "1"}
+        settings = {"precision": "bf16" if bf16 else "fp32"}
         refs, ref_status = cached_reference_logps(
             reference, tokenizer, {"train": train, "eval": evals},
             cache=ReferenceCache(cache_dir / "reference"), settings=settings,
@@ -130,7 +130,6 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
                       run_name=cfg.run_name or run.path.name, config=cfg.to_dict(),
                       resume_step=resume_step)  # fmt: skip
     try:
-        initial = _first_eval(run)
         state, eval_metrics, finished = fit(policy, train, evals, refs, cfg=cfg,
                                             accelerator=accelerator, run=run, tracker=tracker,
                                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
@@ -138,7 +137,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
             return None
         model = accelerator.unwrap_model(policy)
         _save_final(model, tokenizer, run)
-        initial = initial or _first_eval(run)
+        initial = _first_eval(run)  # step 0, also when logged before a resume
         summary: dict[str, Any] = {
             "loss": cfg.loss, "beta": cfg.beta, "steps": state.step,
             "epochs": state.pairs_seen / len(train), "train_pairs": len(train),
