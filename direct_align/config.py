@@ -21,7 +21,8 @@ from direct_align.losses import LOSSES
 FORMATS = ("auto", "standard", "conversational", "implicit")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
-ATTENTION = ("auto", "sdpa", "eager")
+ATTENTION = ("auto", "segments", "sdpa", "eager")
+LAYOUTS = ("shared", "packed", "padded")
 REPORT_TO = ("none", "jsonl", "wandb")
 
 
@@ -42,7 +43,14 @@ class TrainConfig:
     # --- models ------------------------------------------------------------------------------
     model: str | None = _f(None, "Policy: HF model directory or hub name (default: built-in).")
     ref_model: str | None = _f(None, "Reference model (default: the initial policy).")
-    attn: str = _f("auto", "Attention implementation.", ATTENTION)
+    attn: str = _f("auto", "Attention: per-sequence SDPA over packed rows (segments, the default "
+                           "for packed layouts), or the model's sdpa/eager with masks.", ATTENTION)
+    layout: str = _f("shared", "Batch layout: shared prompts without padding, packed sequences "
+                               "without padding, or padded rows.", LAYOUTS)
+    chunked_logprobs: bool = _f(True, "LM head on response tokens only, in chunks recomputed in "
+                                      "backward (no [tokens, vocab] logits).")
+    max_tokens_per_batch: int | None = _f(None, "Fill each micro-batch up to this many tokens "
+                                                "(length-bucketed) instead of --batch-size pairs.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     # --- data --------------------------------------------------------------------------------
     dataset: str | None = _f(None, "Preference data: .jsonl/.json/.parquet/.csv, a save_to_disk "
@@ -198,6 +206,10 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.max_prompt_length is None or cfg.max_prompt_length >= 1,
          "--max-prompt-length must be at least 1"),
         (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+        (cfg.max_tokens_per_batch is None or cfg.max_tokens_per_batch >= 1,
+         "--max-tokens-per-batch must be at least 1"),
+        (not (cfg.attn == "segments" and cfg.layout == "padded"),
+         "--attn segments needs a packed layout (--layout shared or packed)"),
         (cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, "--eval-batch-size must be ≥ 1"),
         (cfg.grad_accum >= 1, "--grad-accum must be at least 1"),
         (cfg.epochs >= 1, "--epochs must be at least 1"),

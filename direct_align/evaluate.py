@@ -11,15 +11,16 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from direct_align.data import PairDataset, collate_pairs
+from direct_align.data import PairDataset
+from direct_align.data.packing import build_batch
 from direct_align.losses import preference_loss
-from direct_align.models.logprobs import IGNORE, sequence_logps, token_logps
+from direct_align.models.logprobs import IGNORE, PreferenceModel, token_logps
 from direct_align.reference import ReferenceLogps
 
 
 @torch.no_grad()
 def evaluate_pairs(
-    model: PreTrainedModel,
+    model: PreferenceModel,
     pairs: PairDataset,
     ref: ReferenceLogps | None,
     *,
@@ -27,6 +28,7 @@ def evaluate_pairs(
     beta: float,
     loss_kwargs: dict[str, Any],
     batch_size: int,
+    layout: str,
     pad_token_id: int,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
@@ -38,15 +40,16 @@ def evaluate_pairs(
     order = sorted(range(len(pairs)), key=pairs.pair_tokens)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        batch = collate_pairs(pairs, index, pad_token_id).to(device)
+        batch = build_batch(pairs, index, layout, pad_token_id).to(device)
         with autocast():
-            chosen, rejected, chosen_len, rejected_len = sequence_logps(model, batch)
+            out = model(batch)
         refs = ref.select(batch.index.cpu()) if ref is not None else (None, None)
         value, metrics = preference_loss(
-            loss, chosen_logps=chosen, rejected_logps=rejected,
+            loss, chosen_logps=out.chosen, rejected_logps=out.rejected,
             ref_chosen_logps=None if refs[0] is None else refs[0].to(device),
             ref_rejected_logps=None if refs[1] is None else refs[1].to(device),
-            chosen_lengths=chosen_len, rejected_lengths=rejected_len, beta=beta, **loss_kwargs,
+            chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths, beta=beta,
+            **loss_kwargs,
         )  # fmt: skip
         for key, v in {"loss": value.item(), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + v * len(index)

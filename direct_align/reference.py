@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from direct_align.data import PairDataset, collate_pairs
-from direct_align.models.logprobs import sequence_logps
+from direct_align.data import PairDataset
+from direct_align.data.packing import build_batch
+from direct_align.models.logprobs import PreferenceModel
 from direct_align.progress import progress
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,11 @@ def cache_key(parts: dict[str, str]) -> str:
 
 @torch.no_grad()
 def score_pairs(
-    model: PreTrainedModel,
+    model: PreferenceModel,
     pairs: PairDataset,
     *,
     batch_size: int,
+    layout: str,
     pad_token_id: int,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
@@ -104,11 +106,11 @@ def score_pairs(
     rejected = torch.empty(len(pairs), dtype=torch.float32)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        batch = collate_pairs(pairs, index, pad_token_id).to(device)
+        batch = build_batch(pairs, index, layout, pad_token_id).to(device)
         with autocast():
-            c, r, _, _ = sequence_logps(model, batch)
-        chosen[index] = c.float().cpu()
-        rejected[index] = r.float().cpu()
+            out = model(batch)
+        chosen[index] = out.chosen.float().cpu()
+        rejected[index] = out.rejected.float().cpu()
         if progress is not None:
             progress(len(index))
     model.train(was_training)
@@ -153,13 +155,14 @@ class ReferenceCache:
 
 
 def cached_reference_logps(
-    model: PreTrainedModel,
+    model: PreferenceModel,
     tokenizer: PreTrainedTokenizerBase,
     splits: dict[str, PairDataset],
     *,
     cache: ReferenceCache,
     settings: dict[str, str],
     batch_size: int,
+    layout: str,
     pad_token_id: int,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
@@ -168,7 +171,7 @@ def cached_reference_logps(
 
     Returns ({split: sums}, {split: "reused <path>" | "computed <path>"}).
     """
-    model_fp = model_fingerprint(model)
+    model_fp = model_fingerprint(model.model)
     parts = {"model": model_fp, "tokenizer": tokenizer_fingerprint(tokenizer),
              "format_version": FORMAT_VERSION, **settings}  # fmt: skip
     results: dict[str, ReferenceLogps] = {}
@@ -183,8 +186,9 @@ def cached_reference_logps(
             log.info("reference log-probs (%s): scoring %d pairs once", name, len(pairs))
             with progress(total=len(pairs), desc=f"reference ({name})", unit="pair",
                           leave=False) as bar:  # fmt: skip
-                ref = score_pairs(model, pairs, batch_size=batch_size, pad_token_id=pad_token_id,
-                                  device=device, autocast=autocast, progress=bar.update)  # fmt: skip
+                ref = score_pairs(model, pairs, batch_size=batch_size, layout=layout,
+                                  pad_token_id=pad_token_id, device=device, autocast=autocast,
+                                  progress=bar.update)  # fmt: skip
             path = cache.save(key, ref, {**parts, "split": name, "pairs": str(len(pairs))})
             log.info("reference log-probs (%s): cached in %s", name, path)
             status[name] = f"computed {path}"

@@ -27,7 +27,9 @@ from direct_align.config import TrainConfig, save_yaml, uses_reference
 from direct_align.data import PairDataset, PreparedData, prepare_pairs
 from direct_align.errors import ConfigError, DataError
 from direct_align.evaluate import generation_report
+from direct_align.models.attention import use_segment_attention
 from direct_align.models.loading import load_causal_lm, load_tokenizer
+from direct_align.models.logprobs import PreferenceModel
 from direct_align.outputs import RunDir, read_state
 from direct_align.reference import ReferenceCache, cached_reference_logps
 from direct_align.tracking import Tracker
@@ -58,6 +60,17 @@ def _check_resume_config(run: RunDir, cfg: TrainConfig) -> None:
                if k not in RESUMABLE and k in saved and saved[k] != v]  # fmt: skip
     if differs:
         raise ConfigError(f"--resume: settings differ from {saved_path} ({'; '.join(differs)})")
+
+
+def preference_model(model: Any, cfg: TrainConfig) -> PreferenceModel:
+    """Wrap a causal LM for the configured layout, attention and log-prob computation."""
+    segments = cfg.layout != "padded" and cfg.attn in ("auto", "segments")
+    if segments:
+        use_segment_attention(model)
+    elif cfg.attn in ("sdpa", "eager"):
+        model.set_attn_implementation(cfg.attn)
+    return PreferenceModel(model, chunked=cfg.chunked_logprobs,
+                           attention="segments" if segments else "mask")  # fmt: skip
 
 
 def _prepare(source: str, tokenizer: Any, cfg: TrainConfig, split: str) -> PreparedData:
@@ -97,20 +110,21 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
         cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
     set_seed(cfg.seed)
-    policy = load_causal_lm(model_path, attn=cfg.attn)
+    policy = preference_model(load_causal_lm(model_path), cfg)
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        policy.model.gradient_checkpointing_enable()
     refs, ref_status = {}, {}
     if uses_reference(cfg):
         reference = policy
         if cfg.ref_model:
-            reference = load_causal_lm(cfg.ref_model, attn=cfg.attn, option="--ref-model")
+            ref_lm = load_causal_lm(cfg.ref_model, option="--ref-model")
+            reference = preference_model(ref_lm, cfg)
         reference.to(accelerator.device)
         settings = {"precision": "bf16" if bf16 else "fp32"}
         refs, ref_status = cached_reference_logps(
             reference, tokenizer, {"train": train, "eval": evals},
             cache=ReferenceCache(cache_dir / "reference"), settings=settings,
-            batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+            batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, layout=cfg.layout,
             pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
             autocast=accelerator.autocast,
         )  # fmt: skip
@@ -135,7 +149,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
                                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         if not finished:
             return None
-        model = accelerator.unwrap_model(policy)
+        model = accelerator.unwrap_model(policy).model
         _save_final(model, tokenizer, run)
         initial = _first_eval(run)  # step 0, also when logged before a resume
         summary: dict[str, Any] = {
@@ -143,6 +157,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
             "epochs": state.pairs_seen / len(train), "train_pairs": len(train),
             "eval_pairs": len(evals), "initial": initial, "final": eval_metrics,
             "reference_cache": ref_status, "runtime_s": round(time.time() - started, 1),
+            "train_runtime_s": round(state.train_seconds, 3),
+            "train_samples_per_s": round(state.pairs_seen / max(state.train_seconds, 1e-9), 4),
         }  # fmt: skip
         if cfg.dataset is None:
             summary["builtin"] = _builtin_report(model, model_path, tokenizer, assets, cfg)

@@ -1,16 +1,16 @@
 """The offline preference loop: one readable function on ``accelerate.Accelerator``.
 
-Per optimizer step: ``grad_accum`` micro-batches of pairs → policy log-prob sums → loss against
-the cached reference sums → backward, each micro-batch weighted by its share of the step's pairs
-(so a short last step of an epoch is still a mean over its pairs) → clip → AdamW → schedule.
-The data order is a seeded permutation per epoch, so the position (epoch, micro-batch) is all a
-checkpoint needs to resume the exact same sequence of batches.
+Per optimizer step: ``grad_accum`` micro-batches of pairs (a fixed count, or a token budget),
+laid out for one forward each → policy log-prob sums → loss against the cached reference sums →
+backward, each micro-batch weighted by its share of the step's pairs (so every step is a mean
+over its pairs, whatever the micro-batch sizes) → clip → AdamW → schedule. The data order is
+deterministic per (seed, epoch) (:mod:`direct_align.data.batching`), so the position (epoch,
+micro-batch) is all a checkpoint needs to resume the exact same sequence of batches.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import signal
 import time
@@ -22,18 +22,19 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from transformers import (
-    PreTrainedModel,
     get_constant_schedule_with_warmup,
     get_cosine_schedule_with_warmup,
     get_linear_schedule_with_warmup,
 )
 
 from direct_align.config import TrainConfig
-from direct_align.data import PairDataset, collate_pairs
+from direct_align.data import PairDataset
+from direct_align.data.batching import Batcher
+from direct_align.data.packing import build_batch
 from direct_align.errors import DirectAlignError
 from direct_align.evaluate import evaluate_pairs
 from direct_align.losses import LOSSES, preference_loss
-from direct_align.models.logprobs import sequence_logps
+from direct_align.models.logprobs import PreferenceModel
 from direct_align.outputs import RunDir, read_state
 from direct_align.progress import progress
 from direct_align.reference import ReferenceLogps
@@ -56,6 +57,7 @@ class TrainState:
     epoch: int = 0  # current pass over the data
     micro: int = 0  # micro-batches of this epoch already consumed
     pairs_seen: int = 0
+    train_seconds: float = 0.0  # time in optimizer steps (evaluation and checkpoints excluded)
 
 
 def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -64,27 +66,21 @@ def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in given.items() if k in LOSSES[cfg.loss].options}
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The micro-batches of one epoch: a permutation seeded by (seed, epoch), then chunks."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+def total_steps(batcher: Batcher, cfg: TrainConfig) -> int:
+    """``--max-steps``, or the optimizer steps of ``--epochs`` passes."""
+    return cfg.max_steps or sum(batcher.steps(e, cfg.grad_accum) for e in range(cfg.epochs))
 
 
-def steps_per_epoch(n: int, cfg: TrainConfig) -> int:
-    return math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
-
-
-def step_groups(n: int, cfg: TrainConfig, state: TrainState) -> Iterator[list[list[int]]]:
+def step_groups(batcher: Batcher, grad_accum: int, state: TrainState) -> Iterator[list[list[int]]]:
     """Yield the micro-batches of each optimizer step from ``state`` on (epochs repeat).
 
     The caller advances ``state.micro`` by one per micro-batch it trains on (as :func:`fit`
     does), so that ``state`` is always the position to checkpoint; the generator only reads it.
     """
     while True:
-        micro = epoch_batches(n, cfg.batch_size, cfg.seed, state.epoch)
+        micro = batcher.micro_batches(state.epoch)
         while state.micro < len(micro):
-            yield micro[state.micro : state.micro + cfg.grad_accum]
+            yield micro[state.micro : state.micro + grad_accum]
         state.epoch, state.micro = state.epoch + 1, 0
 
 
@@ -96,7 +92,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def fit(
-    model: PreTrainedModel,
+    model: PreferenceModel,
     train: PairDataset,
     evals: PairDataset,
     refs: dict[str, ReferenceLogps],
@@ -114,7 +110,9 @@ def fit(
     reaches the weights).
     """
     device = accelerator.device
-    total = cfg.max_steps or steps_per_epoch(len(train), cfg) * cfg.epochs
+    batcher = Batcher(train, batch_size=cfg.batch_size, seed=cfg.seed, layout=cfg.layout,
+                      max_tokens=cfg.max_tokens_per_batch)  # fmt: skip
+    total = total_steps(batcher, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)  # fmt: skip
     warmup = round(cfg.warmup_ratio * total)
@@ -136,7 +134,7 @@ def fit(
 
     def evaluate() -> dict[str, float]:
         metrics = evaluate_pairs(model, evals, ref_eval, loss=cfg.loss, beta=cfg.beta,
-                                 loss_kwargs=extra, batch_size=eval_batch,
+                                 loss_kwargs=extra, batch_size=eval_batch, layout=cfg.layout,
                                  pad_token_id=pad_token_id, device=device,
                                  autocast=accelerator.autocast)  # fmt: skip
         metrics = {f"eval/{k}": v for k, v in metrics.items()}
@@ -155,24 +153,25 @@ def fit(
     window: dict[str, float] = {}  # sums of step metrics since the last log
     window_steps, tokens, t_window, steps_this_run = 0, 0, time.perf_counter(), 0
     bar = progress(total=total, initial=state.step, desc=f"train ({cfg.loss})", unit="step")
-    groups = step_groups(len(train), cfg, state)
+    groups = step_groups(batcher, cfg.grad_accum, state)
     try:
         while state.step < total:
             group = next(groups)
+            step_start = time.perf_counter()
             n_pairs = sum(map(len, group))
             step_metrics: dict[str, float] = {}
             model.train()
             for k, index in enumerate(group):
-                batch = collate_pairs(train, index, pad_token_id).to(device)
+                batch = build_batch(train, index, cfg.layout, pad_token_id).to(device)
                 sync = k == len(group) - 1
                 with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                    chosen, rejected, chosen_len, rejected_len = sequence_logps(model, batch)
+                    out = model(batch)
                     ref_c, ref_r = ref_train.select(batch.index.cpu()) if ref_train else (None, None)
                     loss, metrics = preference_loss(
-                        cfg.loss, chosen_logps=chosen, rejected_logps=rejected,
+                        cfg.loss, chosen_logps=out.chosen, rejected_logps=out.rejected,
                         ref_chosen_logps=None if ref_c is None else ref_c.to(device),
                         ref_rejected_logps=None if ref_r is None else ref_r.to(device),
-                        chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+                        chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths,
                         beta=cfg.beta, **extra,
                     )  # fmt: skip
                 if not torch.isfinite(loss):
@@ -182,7 +181,7 @@ def fit(
                 accelerator.backward(loss * len(index) / n_pairs)
                 for key, value in {"loss": loss.item(), **metrics}.items():
                     step_metrics[key] = step_metrics.get(key, 0.0) + value * len(index) / n_pairs
-                tokens += int(batch.attention_mask.sum())
+                tokens += batch.num_tokens
                 state.micro += 1
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or 1e30)
             optimizer.step()
@@ -190,6 +189,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.pairs_seen += n_pairs
+            state.train_seconds += time.perf_counter() - step_start
             steps_this_run += 1
             step_metrics["grad_norm"] = float(grad_norm)
             for key, value in step_metrics.items():

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
-from conftest import make_tiny_model
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from conftest import make_tiny_model
 from direct_align.builtin.task import sample_prompts
-from direct_align.data import PairDataset, TextPairs, collate_pairs, tokenize_pairs
+from direct_align.data import PairDataset, TextPairs, tokenize_pairs
+from direct_align.data.packing import build_batch
 from direct_align.evaluate import (
     encode_prompts,
     evaluate_pairs,
@@ -18,12 +20,22 @@ from direct_align.evaluate import (
     sample,
     score_responses,
 )
-from direct_align.models.logprobs import sequence_logps
+from direct_align.models.attention import use_segment_attention
+from direct_align.models.logprobs import PreferenceModel
 from direct_align.reference import score_pairs
 from prefdata import text_pairs
 
 CPU = torch.device("cpu")
 TOL = {"rel": 1e-6, "abs": 1e-5}
+
+
+def wrap(model: LlamaForCausalLM, layout: str) -> PreferenceModel:
+    """The plain computation for padded rows; segment attention and chunked head otherwise."""
+    if layout == "padded":
+        return PreferenceModel(model, chunked=False, attention="mask")
+    switched = copy.deepcopy(model)
+    use_segment_attention(switched)
+    return PreferenceModel(switched, chunked=True, attention="segments")
 
 
 @torch.no_grad()
@@ -216,41 +228,49 @@ def test_generation_report_kl_is_measured_on_policy_samples(
 # ----------------------------------------------------------------------------- evaluate_pairs
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
 def test_evaluate_pairs_against_itself_is_log2_with_zero_margins(
-    tiny_tokenizer: PreTrainedTokenizerFast, eval_pairs: PairDataset
+    tiny_tokenizer: PreTrainedTokenizerFast, eval_pairs: PairDataset, layout: str
 ) -> None:
-    model = make_tiny_model(tiny_tokenizer, seed=8)
+    lm = make_tiny_model(tiny_tokenizer, seed=8)
+    model = wrap(lm, layout)
     pad = tiny_tokenizer.pad_token_id
-    ref = score_pairs(model, eval_pairs, batch_size=3, pad_token_id=pad, device=CPU)
+    ref = score_pairs(model, eval_pairs, batch_size=3, layout=layout, pad_token_id=pad,
+                      device=CPU)  # fmt: skip
     model.train()
     metrics = evaluate_pairs(model, eval_pairs, ref, loss="dpo", beta=0.1, loss_kwargs={},
-                             batch_size=3, pad_token_id=pad, device=CPU)  # fmt: skip
-    assert model.training
+                             batch_size=3, layout=layout, pad_token_id=pad,
+                             device=CPU)  # fmt: skip
+    assert model.training and model.model.training
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert metrics["rewards/margins"] == 0.0
     assert metrics["rewards/chosen"] == metrics["rewards/rejected"] == 0.0
     assert metrics["rewards/accuracies"] == 0.0
 
     # logps/* are means over all 7 pairs (batches of 3, 3, 1 weighted by their pair counts).
-    model.eval()
+    lm.eval()
+    plain = PreferenceModel(lm, chunked=False, attention="mask")
     chosen = []
     for i in range(len(eval_pairs)):
         with torch.no_grad():
-            c, _, _, _ = sequence_logps(model, collate_pairs(eval_pairs, [i], pad))
-        chosen.append(c.item())
+            out = plain(build_batch(eval_pairs, [i], "padded", pad))
+        chosen.append(out.chosen.item())
+        assert out.chosen.item() == pytest.approx(
+            manual_logp(lm, eval_pairs.prompt_ids[i], eval_pairs.chosen_ids[i]), **TOL)
     assert metrics["logps/chosen"] == pytest.approx(sum(chosen) / len(chosen), **TOL)
 
 
+@pytest.mark.parametrize("layout", ["padded", "shared"])
 def test_evaluate_pairs_weights_batches_by_pairs(
-    tiny_tokenizer: PreTrainedTokenizerFast, eval_pairs: PairDataset
+    tiny_tokenizer: PreTrainedTokenizerFast, eval_pairs: PairDataset, layout: str
 ) -> None:
     # Reference-free DPO with a different reference-less policy: the loss over 7 pairs in
     # batches of 3, 3, 1 must equal the mean of the per-pair losses, not the mean of batch means.
     model = make_tiny_model(tiny_tokenizer, seed=9)
     pad = tiny_tokenizer.pad_token_id
     beta = 0.5
-    metrics = evaluate_pairs(model, eval_pairs, None, loss="dpo", beta=beta,
-                             loss_kwargs={"label_smoothing": 0.0}, batch_size=3,
+    metrics = evaluate_pairs(wrap(model, layout), eval_pairs, None, loss="dpo", beta=beta,
+                             loss_kwargs={"label_smoothing": 0.0}, batch_size=3, layout=layout,
                              pad_token_id=pad, device=CPU)  # fmt: skip
     losses, wins = [], []
     for i in range(len(eval_pairs)):

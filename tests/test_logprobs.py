@@ -3,21 +3,42 @@
 The reference value of a response's log-prob sum is computed one sequence at a time, without
 padding or masks: run the model on prompt + response, take log_softmax of the logits, and add
 ``logp[t - 1, token_t]`` over the response positions ``t`` only.
+
+``PLAIN`` is the plain computation (padded rows, full logits, the model's own attention); the
+fast layouts are compared with it in ``test_packing.py`` and with the manual loop here.
 """
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import make_tiny_model
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from direct_align.data import IGNORE_INDEX, PairDataset, collate_pairs, prepare_pairs
-from direct_align.models.logprobs import sequence_logps, token_logps
+from conftest import make_tiny_model
+from direct_align.data import IGNORE_INDEX, PairDataset, prepare_pairs
+from direct_align.data.packing import TokenBatch, build_batch
+from direct_align.models.attention import use_segment_attention
+from direct_align.models.logprobs import PreferenceModel, SequenceLogps, token_logps
 from prefdata import rows, write_jsonl
 
 ATOL = 1e-5
 RTOL = 1e-6  # float32 sums of ~20 terms near -6 carry ~1e-5 of rounding at -120
+# Every (layout, chunked, attention) the package offers; the first is the plain computation.
+PLAIN = ("padded", False, "mask")
+CONFIGS = [PLAIN, ("padded", True, "mask"), ("packed", True, "mask"), ("packed", True, "segments"),
+           ("packed", False, "segments"), ("shared", True, "mask"), ("shared", False, "mask"),
+           ("shared", True, "segments"), ("shared", False, "segments")]  # fmt: skip
+
+
+def sequence_logps(model: LlamaForCausalLM, batch: TokenBatch, *, chunked: bool = False,
+                   attention: str = "mask") -> SequenceLogps:  # fmt: skip
+    """The sums of ``batch`` under ``model`` (a model switched to segment attention if asked)."""
+    if attention == "segments" and model.config._attn_implementation != "direct_align_segments":
+        model = copy.deepcopy(model)
+        use_segment_attention(model)
+    return PreferenceModel(model, chunked=chunked, attention=attention)(batch)
 
 
 @torch.no_grad()
@@ -92,13 +113,17 @@ def test_token_logps_masked_positions_are_zero_even_for_infinite_logits() -> Non
     assert torch.isfinite(logps.sum())
 
 
+@pytest.mark.parametrize(("layout", "chunked", "attention"), CONFIGS)
 def test_sequence_logps_matches_manual_computation(
-    model: LlamaForCausalLM, prepared: PairDataset, tiny_tokenizer: PreTrainedTokenizerFast
-) -> None:
+    model: LlamaForCausalLM, prepared: PairDataset, tiny_tokenizer: PreTrainedTokenizerFast,
+    layout: str, chunked: bool, attention: str,
+) -> None:  # fmt: skip
     index = [4, 0, 2, 5]
-    batch = collate_pairs(prepared, index, tiny_tokenizer.pad_token_id)
+    batch = build_batch(prepared, index, layout, tiny_tokenizer.pad_token_id)
     with torch.no_grad():
-        chosen, rejected, chosen_len, rejected_len = sequence_logps(model, batch)
+        out = sequence_logps(model, batch, chunked=chunked, attention=attention)
+    chosen, rejected, chosen_len, rejected_len = (out.chosen, out.rejected, out.chosen_lengths,
+                                                  out.rejected_lengths)  # fmt: skip
 
     assert chosen.shape == rejected.shape == chosen_len.shape == rejected_len.shape == (4,)
     assert chosen.dtype == rejected.dtype == torch.float32
@@ -114,16 +139,21 @@ def test_sequence_logps_matches_manual_computation(
 def test_prompt_tokens_contribute_nothing(
     model: LlamaForCausalLM, prepared: PairDataset, tiny_tokenizer: PreTrainedTokenizerFast
 ) -> None:
-    batch = collate_pairs(prepared, [1], tiny_tokenizer.pad_token_id)
+    batch = build_batch(prepared, [1], "padded", tiny_tokenizer.pad_token_id)
     with torch.no_grad():
-        chosen, _, chosen_len, _ = sequence_logps(model, batch)
+        out = sequence_logps(model, batch)
+    chosen, chosen_len = out.chosen, out.chosen_lengths
     p, c = prepared.prompt_ids[1], prepared.chosen_ids[1]
     response_only = manual_sum(model, p, c)
     with_prompt = full_sequence_sum(model, p + c)
     assert len(p) >= 3  # the prompt has predicted tokens that would count if not masked
     assert with_prompt < response_only - 1.0  # so the comparison below can tell them apart
     assert chosen.item() == pytest.approx(response_only, rel=RTOL, abs=ATOL)
-    assert int(chosen_len) == len(c) == int((batch.labels[0] != IGNORE_INDEX).sum())
+    assert int(chosen_len) == len(c) == int((batch.seq_index == 0).sum())
+    # The scored tokens are exactly the chosen response, predicted from the position before.
+    assert batch.target[batch.seq_index == 0].tolist() == c
+    assert (batch.pred_index[batch.seq_index == 0] % batch.input_ids.shape[1]).tolist() == list(
+        range(len(p) - 1, len(p) + len(c) - 1))
 
 
 def test_right_padding_does_not_change_a_pairs_sums(model: LlamaForCausalLM) -> None:
@@ -131,14 +161,18 @@ def test_right_padding_does_not_change_a_pairs_sums(model: LlamaForCausalLM) -> 
     g = torch.Generator().manual_seed(3)
     long = tuple(torch.randint(5, 300, (n,), generator=g).tolist() for n in (30, 40, 25))
     data = PairDataset(*([s, lg] for s, lg in zip(short, long)))
+    def as_tuple(out: SequenceLogps) -> tuple[torch.Tensor, ...]:
+        return out.chosen, out.rejected, out.chosen_lengths, out.rejected_lengths
+
     with torch.no_grad():
-        alone = sequence_logps(model, collate_pairs(data, [0], 0))
-        batched = sequence_logps(model, collate_pairs(data, [1, 0], 0))
-        # Garbage in the padding (attention mask 0, label -100) must not matter either.
-        noisy = collate_pairs(data, [0, 1], 0)
+        alone = as_tuple(sequence_logps(model, build_batch(data, [0], "padded", 0)))
+        batched = as_tuple(sequence_logps(model, build_batch(data, [1, 0], "padded", 0)))
+        # Garbage in the padding (attention mask 0, never a target) must not matter either.
+        noisy = build_batch(data, [0, 1], "padded", 0)
         noisy.input_ids[noisy.attention_mask == 0] = 123
-        noisy_out = sequence_logps(model, noisy)
-    assert collate_pairs(data, [1, 0], 0).input_ids.shape[1] >= 70  # much longer than 6 tokens
+        noisy_out = as_tuple(sequence_logps(model, noisy))
+    assert build_batch(data, [1, 0], "padded", 0).input_ids.shape[1] >= 70  # much longer than 6
+    assert (noisy.input_ids == 123).sum() >= 100  # the garbage is really there
     for k in range(2):  # chosen, rejected sums
         assert batched[k][1].item() == pytest.approx(alone[k][0].item(), rel=RTOL, abs=ATOL)
         assert noisy_out[k][0].item() == pytest.approx(alone[k][0].item(), rel=RTOL, abs=ATOL)
@@ -148,12 +182,17 @@ def test_right_padding_does_not_change_a_pairs_sums(model: LlamaForCausalLM) -> 
     )
 
 
+@pytest.mark.parametrize(("layout", "chunked", "attention"),
+                         [PLAIN, ("shared", True, "segments"), ("packed", True, "mask")])  # fmt: skip
 def test_sequence_logps_is_differentiable(
-    tiny_tokenizer: PreTrainedTokenizerFast, prepared: PairDataset
-) -> None:
+    tiny_tokenizer: PreTrainedTokenizerFast, prepared: PairDataset, layout: str, chunked: bool,
+    attention: str,
+) -> None:  # fmt: skip
     model = make_tiny_model(tiny_tokenizer, seed=1)
-    batch = collate_pairs(prepared, [0, 1], tiny_tokenizer.pad_token_id)
-    chosen, rejected, _, _ = sequence_logps(model, batch)
-    (chosen - rejected).sum().backward()
+    if attention == "segments":
+        use_segment_attention(model)
+    batch = build_batch(prepared, [0, 1], layout, tiny_tokenizer.pad_token_id)
+    out = sequence_logps(model, batch, chunked=chunked, attention=attention)
+    (out.chosen - out.rejected).sum().backward()
     grad = model.model.embed_tokens.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

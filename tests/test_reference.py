@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import copy
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from direct_align.data import PairDataset, collate_pairs
-from direct_align.models.logprobs import sequence_logps
+from conftest import make_tiny_model
+from direct_align.data import PairDataset
+from direct_align.data.packing import build_batch
+from direct_align.models.attention import use_segment_attention
+from direct_align.models.logprobs import PreferenceModel
 from direct_align.reference import (
     ReferenceCache,
     ReferenceLogps,
@@ -52,6 +55,22 @@ def model(tiny_tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     return make_tiny_model(tiny_tokenizer, seed=0).eval()
 
 
+def plain(model: LlamaForCausalLM) -> PreferenceModel:
+    """The plain computation: padded rows, full logits, the model's own attention."""
+    return PreferenceModel(model, chunked=False, attention="mask")
+
+
+def fast(model: LlamaForCausalLM) -> PreferenceModel:
+    """The default fast path: a copy on segment attention, chunked LM head."""
+    switched = copy.deepcopy(model)
+    use_segment_attention(switched)
+    return PreferenceModel(switched, chunked=True, attention="segments")
+
+
+# (layout, wrapper) of score_pairs: the plain padded computation and the fast layouts.
+SCORERS = [("padded", plain), ("packed", fast), ("shared", fast), ("shared", plain)]
+
+
 @pytest.fixture(scope="module")
 def pairs() -> PairDataset:
     return random_pairs(SHAPES, seed=0)
@@ -61,25 +80,28 @@ def pairs() -> PairDataset:
 def one_at_a_time(model: LlamaForCausalLM, data: PairDataset) -> tuple[list[float], list[float]]:
     chosen, rejected = [], []
     for i in range(len(data)):
-        c, r, _, _ = sequence_logps(model, collate_pairs(data, [i], PAD))
-        chosen.append(c.item())
-        rejected.append(r.item())
+        out = plain(model)(build_batch(data, [i], "padded", PAD))
+        chosen.append(out.chosen.item())
+        rejected.append(out.rejected.item())
     return chosen, rejected
 
 
 # ----------------------------------------------------------------------------- score_pairs
 
 
+@pytest.mark.parametrize(("layout", "wrap"), SCORERS)
 def test_score_pairs_equals_scoring_each_pair_alone(
-    model: LlamaForCausalLM, pairs: PairDataset
-) -> None:
+    model: LlamaForCausalLM, pairs: PairDataset, layout: str,
+    wrap: Callable[[LlamaForCausalLM], PreferenceModel],
+) -> None:  # fmt: skip
     order = sorted(range(len(pairs)), key=pairs.pair_tokens)
     assert order != list(range(len(pairs)))  # the length sort really reorders the pairs
     seen: list[int] = []
-    model.train()
-    ref = score_pairs(model, pairs, batch_size=3, pad_token_id=PAD, device=CPU,
+    scorer = wrap(model)
+    scorer.train()
+    ref = score_pairs(scorer, pairs, batch_size=3, layout=layout, pad_token_id=PAD, device=CPU,
                       progress=seen.append)  # fmt: skip
-    assert model.training  # the mode is restored
+    assert scorer.training and scorer.model.training  # the mode is restored
     assert seen == [3, 3, 1]
     assert ref.chosen.dtype == ref.rejected.dtype == torch.float32
     assert ref.chosen.shape == ref.rejected.shape == (len(pairs),)
@@ -93,7 +115,8 @@ def test_score_pairs_equals_scoring_each_pair_alone(
 
 
 def test_reference_logps_select(model: LlamaForCausalLM, pairs: PairDataset) -> None:
-    ref = score_pairs(model, pairs, batch_size=4, pad_token_id=PAD, device=CPU)
+    ref = score_pairs(plain(model), pairs, batch_size=4, layout="padded", pad_token_id=PAD,
+                      device=CPU)  # fmt: skip
     c, r = ref.select(torch.tensor([5, 0, 5]))
     assert c.tolist() == [ref.chosen[5].item(), ref.chosen[0].item(), ref.chosen[5].item()]
     assert r.tolist() == [ref.rejected[5].item(), ref.rejected[0].item(), ref.rejected[5].item()]
@@ -239,15 +262,17 @@ def test_cache_treats_a_damaged_file_as_absent(tmp_path: Path, damage: str) -> N
 def test_cached_reference_logps_computes_then_reuses_and_tracks_inputs(
     tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast, pairs: PairDataset
 ) -> None:
-    model = make_tiny_model(tiny_tokenizer, seed=4).eval()
+    lm = make_tiny_model(tiny_tokenizer, seed=4).eval()
+    model = fast(lm)  # what training uses by default
     cache = ReferenceCache(tmp_path / "ref")
     evals = random_pairs([(5, 4, 6), (9, 3, 3), (2, 7, 5)], seed=9)
     settings = {"precision": "fp32", "version": "1"}
 
-    def run(splits: dict[str, PairDataset], **kw: object):
+    def run(splits: dict[str, PairDataset], scorer: PreferenceModel | None = None, **kw: object):
         kw = {"settings": settings, **kw}
-        return cached_reference_logps(model, tiny_tokenizer, splits, cache=cache, batch_size=3,
-                                      pad_token_id=PAD, device=CPU, **kw)  # fmt: skip
+        return cached_reference_logps(scorer or model, tiny_tokenizer, splits, cache=cache,
+                                      batch_size=3, layout="shared", pad_token_id=PAD,
+                                      device=CPU, **kw)  # fmt: skip
 
     first, status = run({"train": pairs, "eval": evals})
     assert set(status) == {"train", "eval"}
@@ -255,7 +280,7 @@ def test_cached_reference_logps_computes_then_reuses_and_tracks_inputs(
     paths = {name: Path(s.split(" ", 1)[1]) for name, s in status.items()}
     assert all(p.is_file() and p.parent == cache.root for p in paths.values())
     assert paths["train"] != paths["eval"]
-    chosen, rejected = one_at_a_time(model, pairs)
+    chosen, rejected = one_at_a_time(lm, pairs)
     assert first["train"].chosen.tolist() == pytest.approx(chosen, **TOL)
     assert first["train"].rejected.tolist() == pytest.approx(rejected, **TOL)
 
@@ -264,6 +289,9 @@ def test_cached_reference_logps_computes_then_reuses_and_tracks_inputs(
     for name in ("train", "eval"):
         assert torch.equal(second[name].chosen, first[name].chosen)
         assert torch.equal(second[name].rejected, first[name].rejected)
+    # The key is that of the wrapped LM's weights: another wrapper around equal weights reuses it.
+    _, status = run({"train": pairs}, scorer=fast(copy.deepcopy(lm)))
+    assert status == {"train": f"reused {paths['train']}"}
 
     # One token of one pair differs: that split is recomputed, the other reused.
     changed = PairDataset(evals.prompt_ids, [list(c) for c in evals.chosen_ids], evals.rejected_ids)
@@ -279,7 +307,7 @@ def test_cached_reference_logps_computes_then_reuses_and_tracks_inputs(
 
     # Other weights: recomputed too.
     with torch.no_grad():
-        model.model.norm.weight[0] += 1e-3
+        model.model.model.norm.weight[0] += 1e-3
     updated, status = run({"train": pairs})
     assert status["train"].startswith("computed ") and str(paths["train"]) not in status["train"]
     assert not torch.equal(updated["train"].chosen, first["train"].chosen)
@@ -288,10 +316,10 @@ def test_cached_reference_logps_computes_then_reuses_and_tracks_inputs(
 def test_cached_reference_logps_recomputes_over_a_damaged_file(
     tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerFast, pairs: PairDataset
 ) -> None:
-    model = make_tiny_model(tiny_tokenizer, seed=5).eval()
+    model = plain(make_tiny_model(tiny_tokenizer, seed=5).eval())
     cache = ReferenceCache(tmp_path)
-    kwargs = dict(cache=cache, settings={"precision": "fp32"}, batch_size=4, pad_token_id=PAD,
-                  device=CPU)  # fmt: skip
+    kwargs = dict(cache=cache, settings={"precision": "fp32"}, batch_size=4, layout="padded",
+                  pad_token_id=PAD, device=CPU)  # fmt: skip
     first, status = cached_reference_logps(model, tiny_tokenizer, {"train": pairs}, **kwargs)
     path = Path(status["train"].split(" ", 1)[1])
     path.write_bytes(b"\x00" * 64)

@@ -1,5 +1,5 @@
 """The trainer's pure parts: epoch order, step grouping and resume, loss options, and the
-micro-batch weighting used for gradient accumulation."""
+micro-batch weighting used for gradient accumulation. (Token-budget batching: test_batching.py.)"""
 
 from __future__ import annotations
 
@@ -9,20 +9,17 @@ import signal
 
 import pytest
 import torch
-from conftest import make_tiny_model
 from transformers import PreTrainedTokenizerFast
 
+from conftest import make_tiny_model
 from direct_align.config import TrainConfig
-from direct_align.data import PairDataset, collate_pairs
+from direct_align.data import PairDataset
+from direct_align.data.batching import Batcher, budget_batches, epoch_batches
+from direct_align.data.packing import build_batch
 from direct_align.losses import LOSSES, preference_loss
-from direct_align.models.logprobs import sequence_logps
-from direct_align.trainer import (
-    TrainState,
-    epoch_batches,
-    loss_kwargs,
-    step_groups,
-    steps_per_epoch,
-)
+from direct_align.models.attention import use_segment_attention
+from direct_align.models.logprobs import PreferenceModel
+from direct_align.trainer import TrainState, loss_kwargs, step_groups, total_steps
 
 # ----------------------------------------------------------------------------- epoch_batches
 
@@ -49,7 +46,22 @@ def test_epoch_batches_are_seeded_by_seed_and_epoch() -> None:
     assert epoch_batches(n, bs, seed=1, epoch=0) == first
 
 
-# ----------------------------------------------------------------------------- steps_per_epoch
+# ----------------------------------------------------------------------------- steps per epoch
+
+
+def same_length_pairs(n: int) -> PairDataset:
+    """``n`` pairs; with a fixed batch size only their number matters."""
+    return PairDataset([[1, 7]] * n, [[8, 2]] * n, [[9, 2]] * n)
+
+
+def batcher(n: int, cfg: TrainConfig) -> Batcher:
+    return Batcher(same_length_pairs(n), batch_size=cfg.batch_size, seed=cfg.seed,
+                   layout=cfg.layout, max_tokens=cfg.max_tokens_per_batch)  # fmt: skip
+
+
+def steps_per_epoch(n: int, cfg: TrainConfig) -> int:
+    """Steps of epoch 0 (every epoch has as many with a fixed batch size)."""
+    return batcher(n, cfg).steps(0, cfg.grad_accum)
 
 
 @pytest.mark.parametrize(
@@ -59,7 +71,10 @@ def test_epoch_batches_are_seeded_by_seed_and_epoch() -> None:
 )  # fmt: skip
 def test_steps_per_epoch(n: int, batch_size: int, grad_accum: int, expected: int) -> None:
     cfg = TrainConfig(batch_size=batch_size, grad_accum=grad_accum)
-    assert steps_per_epoch(n, cfg) == expected
+    b = batcher(n, cfg)
+    assert [b.steps(e, grad_accum) for e in range(3)] == [expected] * 3
+    assert total_steps(b, dataclasses.replace(cfg, epochs=3)) == 3 * expected
+    assert total_steps(b, dataclasses.replace(cfg, epochs=3, max_steps=5)) == 5
 
 
 # ----------------------------------------------------------------------------- step_groups
@@ -76,12 +91,15 @@ def expected_groups(n: int, cfg: TrainConfig, epochs: int) -> list[tuple[int, li
     return out
 
 
-def drive(n: int, cfg: TrainConfig, state: TrainState, steps: int) -> list[tuple[int, list]]:
+def drive(n: int | Batcher, cfg: TrainConfig, state: TrainState,
+          steps: int) -> list[tuple[int, list]]:  # fmt: skip
     """Consume ``steps`` groups the way ``fit`` does (state.micro advances per micro-batch).
 
+    ``n``: a number of pairs (micro-batches of ``cfg.batch_size``), or a Batcher.
     A broken generator can loop forever inside ``next``; an alarm turns that into a failure.
     """
-    groups = step_groups(n, cfg, state)
+    source = n if isinstance(n, Batcher) else batcher(n, cfg)
+    groups = step_groups(source, cfg.grad_accum, state)
     seen = []
 
     def hang(signum: int, frame: object) -> None:
@@ -144,6 +162,40 @@ def test_every_epoch_uses_every_pair_once_in_steps_per_epoch_steps(
         groups = [g for e, g in seen if e == epoch]
         assert all(1 <= len(g) <= grad_accum for g in groups)
         assert [b for g in groups for b in g] == epoch_batches(n, batch_size, 2, epoch)
+
+
+def budget_batcher() -> Batcher:
+    """A token budget over pairs of varied lengths (micro-batches of varied pair counts)."""
+    g = torch.Generator().manual_seed(8)
+    lengths = torch.randint(1, 30, (40, 3), generator=g).tolist()
+    data = PairDataset([[1] * p for p, _, _ in lengths], [[5] * c for _, c, _ in lengths],
+                       [[6] * r for _, _, r in lengths])  # fmt: skip
+    return Batcher(data, batch_size=1, seed=3, layout="packed", max_tokens=160)
+
+
+def test_step_groups_walk_token_budget_micro_batches() -> None:
+    source = budget_batcher()
+    cfg = TrainConfig(grad_accum=3, seed=3)
+    per_epoch = [source.steps(e, 3) for e in range(3)]
+    seen = drive(source, cfg, TrainState(), sum(per_epoch))
+    for epoch in range(3):
+        micro = budget_batches(source.data, 160, "packed", 3, epoch)
+        assert len({len(b) for b in micro}) > 1  # micro-batches of different pair counts
+        assert [g for e, g in seen if e == epoch] == [micro[i : i + 3]
+                                                      for i in range(0, len(micro), 3)]  # fmt: skip
+        assert sorted(i for e, g in seen if e == epoch for b in g for i in b) == list(range(40))
+
+
+@pytest.mark.parametrize("done", [1, 4, 9])
+def test_resuming_token_budget_batches_continues_the_same_sequence(done: int) -> None:
+    cfg = TrainConfig(grad_accum=2)
+    fresh_state = TrainState()
+    fresh = drive(budget_batcher(), cfg, fresh_state, done + 5)
+    state = TrainState()
+    drive(budget_batcher(), cfg, state, done)
+    resumed_state = TrainState(**dataclasses.asdict(state))
+    assert drive(budget_batcher(), cfg, resumed_state, 5) == fresh[done:]  # a new Batcher
+    assert resumed_state == fresh_state
 
 
 @pytest.mark.parametrize("done", [1, 2, 3, 4, 5, 7])
@@ -225,18 +277,21 @@ def _random_pairs(n: int, seed: int) -> PairDataset:
                        [[*ids(1, 9), 2] for _ in range(n)])  # fmt: skip
 
 
+@pytest.mark.parametrize(("layout", "chunked", "attention"),
+                         [("padded", False, "mask"), ("shared", True, "segments")])  # fmt: skip
 def test_micro_batch_weighting_equals_one_big_batch(
-    tiny_tokenizer: PreTrainedTokenizerFast,
+    tiny_tokenizer: PreTrainedTokenizerFast, layout: str, chunked: bool, attention: str
 ) -> None:
     data = _random_pairs(7, seed=1)
-    reference = make_tiny_model(tiny_tokenizer, seed=11).eval()
+    reference = PreferenceModel(make_tiny_model(tiny_tokenizer, seed=11).eval(), chunked=False,
+                                attention="mask")  # fmt: skip
     with torch.no_grad():
-        all_pairs = collate_pairs(data, list(range(7)), 0)
-        ref_c, ref_r, _, _ = sequence_logps(reference, all_pairs)
+        ref = reference(build_batch(data, list(range(7)), "padded", 0))
+        ref_c, ref_r = ref.chosen, ref.rejected
 
-    def loss_on(model: torch.nn.Module, index: list[int]) -> torch.Tensor:
-        chosen, rejected, _, _ = sequence_logps(model, collate_pairs(data, index, 0))
-        loss, _ = preference_loss("dpo", chosen_logps=chosen, rejected_logps=rejected,
+    def loss_on(model: PreferenceModel, index: list[int]) -> torch.Tensor:
+        out = model(build_batch(data, index, layout, 0))
+        loss, _ = preference_loss("dpo", chosen_logps=out.chosen, rejected_logps=out.rejected,
                                   ref_chosen_logps=ref_c[index], ref_rejected_logps=ref_r[index],
                                   beta=0.5)  # fmt: skip
         return loss
@@ -246,7 +301,10 @@ def test_micro_batch_weighting_equals_one_big_batch(
         model.zero_grad(set_to_none=True)
         return out
 
-    model = make_tiny_model(tiny_tokenizer, seed=10).eval()  # eval: no dropout either way
+    lm = make_tiny_model(tiny_tokenizer, seed=10).eval()  # eval: no dropout either way
+    if attention == "segments":
+        use_segment_attention(lm)
+    model = PreferenceModel(lm, chunked=chunked, attention=attention)
     loss_on(model, list(range(7))).backward()
     whole = grads(model)
 

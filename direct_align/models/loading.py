@@ -43,15 +43,12 @@ def load_tokenizer(name: str, option: str = "--model") -> PreTrainedTokenizerBas
 
 
 def load_causal_lm(
-    name: str, *, dtype: torch.dtype = torch.float32, attn: str = "auto", option: str = "--model"
+    name: str, *, dtype: torch.dtype = torch.float32, option: str = "--model"
 ) -> PreTrainedModel:
-    """A causal LM in ``dtype`` with the chosen attention implementation, on the CPU."""
+    """A causal LM in ``dtype``, on the CPU, with the library's default attention."""
     check_model_path(name, option)
-    kwargs = {} if attn == "auto" else {"attn_implementation": attn}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(Path(name).expanduser()), dtype=dtype, **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(Path(name).expanduser()), dtype=dtype)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{option}: cannot load a causal LM from '{name}': "
                           f"{str(e).splitlines()[0]}") from None  # fmt: skip
