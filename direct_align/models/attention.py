@@ -76,13 +76,13 @@ def segment_attention(
         raise ValueError("segment attention takes one packed row")
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
-    out = torch.empty_like(query)
+    parts = []  # outputs of consecutive token ranges; cat, not slice assignment, keeps backward linear
     for seg in segments:
         a = seg.start
         b = a + (seg.prompt + seg.chosen if seg.shared else seg.length)
-        out[:, :, a:b] = F.scaled_dot_product_attention(
+        parts.append(F.scaled_dot_product_attention(
             query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, is_causal=True,
-            scale=scaling, enable_gqa=gqa)  # fmt: skip
+            scale=scaling, enable_gqa=gqa))  # fmt: skip
         if seg.shared:
             c = b + seg.rejected  # rejected tokens [b, c) see the prompt [a, a + prompt) and [b, c)
             prompt = slice(a, a + seg.prompt)
@@ -90,9 +90,12 @@ def segment_attention(
             v = torch.cat([value[:, :, prompt], value[:, :, b:c]], dim=2)
             causal = torch.ones(seg.rejected, seg.prompt + seg.rejected, dtype=torch.bool,
                                 device=query.device).tril(seg.prompt)  # fmt: skip
-            out[:, :, b:c] = F.scaled_dot_product_attention(
+            parts.append(F.scaled_dot_product_attention(
                 query[:, :, b:c], k, v, attn_mask=causal, dropout_p=p, scale=scaling,
-                enable_gqa=gqa)  # fmt: skip
+                enable_gqa=gqa))  # fmt: skip
+    out = torch.cat(parts, dim=2)
+    if out.shape[2] != query.shape[2]:
+        raise ValueError(f"segments cover {out.shape[2]} of the row's {query.shape[2]} tokens")
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -65,8 +65,8 @@ class ChunkedLogProbs(torch.autograd.Function):
         lse = torch.empty_like(out)
         for s in range(0, hidden.shape[0], chunk):
             logits = _logits(hidden[s : s + chunk], w, bias)
-            lse[s : s + chunk] = logits.logsumexp(-1)
             out[s : s + chunk] = logits.gather(1, target[s : s + chunk, None]).squeeze(1)
+            lse[s : s + chunk] = _logsumexp_(logits)
         ctx.save_for_backward(hidden, weight, bias, target, lse)
         ctx.chunk = chunk
         return out - lse
@@ -83,7 +83,7 @@ class ChunkedLogProbs(torch.autograd.Function):
             h = hidden[s : s + ctx.chunk]
             g = grad[s : s + ctx.chunk].float()
             # d logp / d logits = onehot(target) - softmax; scaled by the incoming gradient
-            d = torch.exp(_logits(h, w, bias) - lse[s : s + ctx.chunk, None]).mul_(-g[:, None])
+            d = _logits(h, w, bias).sub_(lse[s : s + ctx.chunk, None]).exp_().mul_(-g[:, None])
             d.scatter_add_(1, target[s : s + ctx.chunk, None], g[:, None])
             if grad_b is not None:
                 grad_b += d.sum(0)
@@ -96,9 +96,18 @@ class ChunkedLogProbs(torch.autograd.Function):
                 None if grad_b is None else grad_b.to(bias.dtype), None, None)  # fmt: skip
 
 
+# The chunk helpers work in place: on a CPU every fresh [chunk, vocab] buffer costs page faults,
+# and the elementwise passes over it are memory-bound.
 def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """[c, V] fp32 logits of a chunk (a new tensor the caller may overwrite)."""
     logits = (h @ w.T).float()
-    return logits if bias is None else logits + bias.float()
+    return logits if bias is None else logits.add_(bias.float())
+
+
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim of [c, V] ``logits``, overwriting them. Returns [c]."""
+    peak = logits.amax(-1, keepdim=True)
+    return logits.sub_(peak).exp_().sum(-1).log_().add_(peak.squeeze(1))
 
 
 @dataclass
