@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
 from direct_align.errors import ConfigError
@@ -21,7 +22,8 @@ from direct_align.losses import LOSSES
 FORMATS = ("auto", "standard", "conversational", "implicit")
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
-ATTENTION = ("auto", "segments", "sdpa", "eager")
+ATTENTION = ("auto", "segments", "flash", "varlen", "sdpa", "eager")
+SEGMENT_ATTENTION = ("segments", "flash", "varlen")  # read the row's segments: packed layouts only
 LAYOUTS = ("shared", "packed", "padded")
 REPORT_TO = ("none", "jsonl", "wandb")
 
@@ -43,8 +45,10 @@ class TrainConfig:
     # --- models ------------------------------------------------------------------------------
     model: str | None = _f(None, "Policy: HF model directory or hub name (default: built-in).")
     ref_model: str | None = _f(None, "Reference model (default: the initial policy).")
-    attn: str = _f("auto", "Attention: per-sequence SDPA over packed rows (segments, the default "
-                           "for packed layouts), or the model's sdpa/eager with masks.", ATTENTION)
+    attn: str = _f("auto", "Attention over packed rows: per-sequence SDPA (segments), the "
+                           "flash-attn or PyTorch varlen kernels on a GPU (flash, varlen), or the "
+                           "model's sdpa/eager with masks. auto: flash > varlen > segments, as "
+                           "available (segments on a CPU).", ATTENTION)
     layout: str = _f("shared", "Batch layout: shared prompts without padding, packed sequences "
                                "without padding, or padded rows.", LAYOUTS)
     chunked_logprobs: bool = _f(True, "LM head on response tokens only, in chunks recomputed in "
@@ -208,8 +212,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.batch_size >= 1, "--batch-size must be at least 1"),
         (cfg.max_tokens_per_batch is None or cfg.max_tokens_per_batch >= 1,
          "--max-tokens-per-batch must be at least 1"),
-        (not (cfg.attn == "segments" and cfg.layout == "padded"),
-         "--attn segments needs a packed layout (--layout shared or packed)"),
+        (not (cfg.attn in SEGMENT_ATTENTION and cfg.layout == "padded"),
+         f"--attn {cfg.attn} needs a packed layout (--layout shared or packed)"),
         (cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, "--eval-batch-size must be ≥ 1"),
         (cfg.grad_accum >= 1, "--grad-accum must be at least 1"),
         (cfg.epochs >= 1, "--epochs must be at least 1"),
@@ -231,10 +235,26 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.attn in ("flash", "varlen"):
+        from direct_align.models.varlen import unavailable  # imports transformers: only when asked
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if why := unavailable(cfg.attn, device):
+            raise ConfigError(f"--attn {cfg.attn} {why}")
+        if not uses_bf16(cfg):
+            raise ConfigError(f"--attn {cfg.attn} needs bf16 compute (--precision bf16, or auto on "
+                              "a bf16 GPU)")  # fmt: skip
     if LOSSES[cfg.loss].reference_free and cfg.ref_model is not None:
         raise ConfigError(f"--ref-model: {cfg.loss} is reference-free and uses no reference")
     if cfg.reference_free and cfg.ref_model is not None:
         raise ConfigError("--ref-model and --reference-free exclude each other")
+
+
+def uses_bf16(cfg: TrainConfig) -> bool:
+    """Whether training computes in bf16 (``--precision auto``: on a GPU that supports it)."""
+    return cfg.precision == "bf16" or (
+        cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    )
 
 
 def uses_reference(cfg: TrainConfig) -> bool:

@@ -23,13 +23,13 @@ from accelerate.utils import set_seed
 
 from direct_align.builtin.build import BuiltinAssets, BuiltinSpec, default_cache_dir, ensure_builtin
 from direct_align.builtin.task import true_reward
-from direct_align.config import TrainConfig, save_yaml, uses_reference
+from direct_align.config import TrainConfig, save_yaml, uses_bf16, uses_reference
 from direct_align.data import PairDataset, PreparedData, prepare_pairs
 from direct_align.errors import ConfigError, DataError
 from direct_align.evaluate import generation_report
-from direct_align.models.attention import use_segment_attention
 from direct_align.models.loading import load_causal_lm, load_tokenizer
 from direct_align.models.logprobs import PreferenceModel
+from direct_align.models.varlen import choose_attention, use_varlen_attention
 from direct_align.outputs import RunDir, read_state
 from direct_align.reference import ReferenceCache, cached_reference_logps
 from direct_align.tracking import Tracker
@@ -62,15 +62,24 @@ def _check_resume_config(run: RunDir, cfg: TrainConfig) -> None:
         raise ConfigError(f"--resume: settings differ from {saved_path} ({'; '.join(differs)})")
 
 
-def preference_model(model: Any, cfg: TrainConfig) -> PreferenceModel:
-    """Wrap a causal LM for the configured layout, attention and log-prob computation."""
-    segments = cfg.layout != "padded" and cfg.attn in ("auto", "segments")
-    if segments:
-        use_segment_attention(model)
-    elif cfg.attn in ("sdpa", "eager"):
-        model.set_attn_implementation(cfg.attn)
-    return PreferenceModel(model, chunked=cfg.chunked_logprobs,
-                           attention="segments" if segments else "mask")  # fmt: skip
+def preference_model(model: Any, cfg: TrainConfig,
+                     device: torch.device | str | None = None) -> PreferenceModel:  # fmt: skip
+    """Wrap a causal LM for the configured layout, attention and log-prob computation.
+
+    ``device``: where the model will run (default: where its parameters are now); ``--attn auto``
+    picks the best segment attention kernel available there.
+    """
+    if cfg.layout == "padded" or cfg.attn in ("sdpa", "eager"):
+        if cfg.attn in ("sdpa", "eager"):
+            model.set_attn_implementation(cfg.attn)
+        log.info("attention: %s with masks", model.config._attn_implementation)
+        return PreferenceModel(model, chunked=cfg.chunked_logprobs, attention="mask")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    name, why = choose_attention(cfg.attn, device, half=uses_bf16(cfg))
+    use_varlen_attention(model, name)
+    log.info("attention: %s (%s)", name, why)
+    # every segment-based kernel reads the segments that PreferenceModel passes in "segments" mode
+    return PreferenceModel(model, chunked=cfg.chunked_logprobs, attention="segments")
 
 
 def _prepare(source: str, tokenizer: Any, cfg: TrainConfig, split: str) -> PreparedData:
@@ -106,11 +115,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
     log.info("pairs: %d train, %d eval", len(train), len(evals))
 
     # 2. models; the reference scores every pair once, then only the policy stays in memory
-    bf16 = cfg.precision == "bf16" or (
-        cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    bf16 = uses_bf16(cfg)
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
     set_seed(cfg.seed)
-    policy = preference_model(load_causal_lm(model_path), cfg)
+    policy = preference_model(load_causal_lm(model_path), cfg, accelerator.device)
     if cfg.gradient_checkpointing:
         policy.model.gradient_checkpointing_enable()
     refs, ref_status = {}, {}
@@ -118,7 +126,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
         reference = policy
         if cfg.ref_model:
             ref_lm = load_causal_lm(cfg.ref_model, option="--ref-model")
-            reference = preference_model(ref_lm, cfg)
+            reference = preference_model(ref_lm, cfg, accelerator.device)
         reference.to(accelerator.device)
         settings = {"precision": "bf16" if bf16 else "fp32"}
         refs, ref_status = cached_reference_logps(
