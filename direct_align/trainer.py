@@ -84,6 +84,30 @@ def step_groups(batcher: Batcher, grad_accum: int, state: TrainState) -> Iterato
         state.epoch, state.micro = state.epoch + 1, 0
 
 
+class LogWindow:
+    """Step metrics summed since the last log line, and the tokens computed since then."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, step_metrics: dict[str, float]) -> None:
+        for key, value in step_metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+
+    def flush(self, lr: float, epoch: float, device: torch.device) -> dict[str, float]:
+        """The window's means as ``train/*`` metrics with throughput and memory; starts anew."""
+        logged = {f"train/{k}": v / max(self.steps, 1) for k, v in self.sums.items()}
+        logged |= {"train/lr": lr, "train/epoch": epoch,
+                   "perf/tokens_per_s": self.tokens / (time.perf_counter() - self.start),
+                   "perf/peak_mem_gb": peak_memory_gb(device)}  # fmt: skip
+        self.__init__()
+        return logged
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak GPU memory allocated, or the process's peak resident memory on CPU (GiB)."""
     if device.type == "cuda":
@@ -150,8 +174,8 @@ def fit(
     handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}  # fmt: skip
     eval_metrics = evaluate() if state.step == 0 else {}
-    window: dict[str, float] = {}  # sums of step metrics since the last log
-    window_steps, tokens, t_window, steps_this_run = 0, 0, time.perf_counter(), 0
+    window = LogWindow()
+    steps_this_run = 0
     bar = progress(total=total, initial=state.step, desc=f"train ({cfg.loss})", unit="step")
     groups = step_groups(batcher, cfg.grad_accum, state)
     try:
@@ -181,7 +205,7 @@ def fit(
                 accelerator.backward(loss * len(index) / n_pairs)
                 for key, value in {"loss": loss.item(), **metrics}.items():
                     step_metrics[key] = step_metrics.get(key, 0.0) + value * len(index) / n_pairs
-                tokens += batch.num_tokens
+                window.tokens += batch.num_tokens
                 state.micro += 1
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or 1e30)
             optimizer.step()
@@ -192,22 +216,14 @@ def fit(
             state.train_seconds += time.perf_counter() - step_start
             steps_this_run += 1
             step_metrics["grad_norm"] = float(grad_norm)
-            for key, value in step_metrics.items():
-                window[key] = window.get(key, 0.0) + value
-            window_steps += 1
+            window.add(step_metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{step_metrics['loss']:.3f}",
                             acc=f"{step_metrics['rewards/accuracies']:.2f}", refresh=False)  # fmt: skip
 
             if state.step % cfg.log_every == 0 or state.step == total:
-                elapsed = time.perf_counter() - t_window
-                logged = {f"train/{k}": v / window_steps for k, v in window.items()}
-                logged |= {"train/lr": scheduler.get_last_lr()[0],
-                           "train/epoch": state.pairs_seen / len(train),
-                           "perf/tokens_per_s": tokens / elapsed,
-                           "perf/peak_mem_gb": peak_memory_gb(device)}  # fmt: skip
-                tracker.log(logged, state.step)
-                window, window_steps, tokens, t_window = {}, 0, 0, time.perf_counter()
+                tracker.log(window.flush(scheduler.get_last_lr()[0],
+                                         state.pairs_seen / len(train), device), state.step)  # fmt: skip
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total:
                 eval_metrics = evaluate()
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:

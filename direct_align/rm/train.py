@@ -1,0 +1,109 @@
+"""The reward-model loop: one readable function on ``accelerate.Accelerator``.
+
+Per optimizer step: ``grad_accum`` micro-batches of ``batch_size`` pairs, each one right-padded
+``[2B, T]`` forward (chosen rows, then rejected rows) → rewards at the last real tokens →
+Bradley-Terry loss → backward, weighted by the micro-batch's share of the step's pairs → clip →
+AdamW → warmup + decay schedule. Data order, step counting and the schedule are those of the
+preference trainer (:mod:`direct_align.trainer`), so both commands read the same settings alike.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedModel
+
+from direct_align.data import PairDataset, collate_pairs
+from direct_align.data.batching import Batcher
+from direct_align.errors import DirectAlignError
+from direct_align.progress import progress
+from direct_align.rm.config import RewardConfig
+from direct_align.rm.evaluate import RewardEval, evaluate_rm
+from direct_align.rm.loss import bradley_terry_loss
+from direct_align.rm.model import pair_rewards
+from direct_align.tracking import Tracker
+from direct_align.trainer import SCHEDULES, LogWindow, TrainState, step_groups, total_steps
+
+
+def fit_rm(
+    model: PreTrainedModel,
+    train: PairDataset,
+    evals: PairDataset,
+    *,
+    cfg: RewardConfig,
+    accelerator: Accelerator,
+    tracker: Tracker,
+    pad_token_id: int,
+) -> tuple[TrainState, RewardEval, RewardEval]:
+    """Train ``model`` in place; returns (state, eval before training, eval after training).
+
+    Raises :class:`DirectAlignError` on a non-finite loss, before it reaches the weights.
+    """
+    device = accelerator.device
+    batcher = Batcher(train, batch_size=cfg.batch_size, seed=cfg.seed, layout="padded")
+    total = total_steps(batcher, cfg)  # reads max_steps, epochs, grad_accum as `train` does
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)  # fmt: skip
+    warmup = round(cfg.warmup_ratio * total)
+    kwargs = {} if cfg.lr_scheduler == "constant" else {"num_training_steps": total}
+    scheduler = SCHEDULES[cfg.lr_scheduler](optimizer, num_warmup_steps=warmup, **kwargs)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+
+    def evaluate() -> RewardEval:
+        result = evaluate_rm(model, evals, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                             pad_token_id=pad_token_id, device=device,
+                             center_coef=cfg.center_rewards_coef, autocast=accelerator.autocast)  # fmt: skip
+        tracker.log({f"eval/{k}": v for k, v in result.metrics.items()}, state.step)
+        return result
+
+    initial = evaluate()
+    window = LogWindow()
+    groups = step_groups(batcher, cfg.grad_accum, state)
+    with progress(total=total, desc="train (reward model)", unit="step") as bar:
+        while state.step < total:
+            # 1. forward and backward over the step's micro-batches
+            group = next(groups)
+            step_start = time.perf_counter()
+            n_pairs = sum(map(len, group))
+            step_metrics: dict[str, float] = {}
+            model.train()
+            for k, index in enumerate(group):
+                batch = collate_pairs(train, index, pad_token_id).to(device)
+                sync = k == len(group) - 1
+                with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+                    chosen, rejected = pair_rewards(model, batch)
+                    loss, metrics = bradley_terry_loss(chosen, rejected,
+                                                       center_coef=cfg.center_rewards_coef)  # fmt: skip
+                if not torch.isfinite(loss):
+                    raise DirectAlignError(f"step {state.step + 1}: the loss is {loss.item()} "
+                                           "(non-finite); the weights were not updated")  # fmt: skip
+                accelerator.backward(loss * len(index) / n_pairs)
+                for key, value in {"loss": loss.item(), **metrics}.items():
+                    step_metrics[key] = step_metrics.get(key, 0.0) + value * len(index) / n_pairs
+                window.tokens += int(batch.attention_mask.sum())
+                state.micro += 1
+            # 2. clip, step, schedule
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or 1e30)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.pairs_seen += n_pairs
+            state.train_seconds += time.perf_counter() - step_start
+            step_metrics["grad_norm"] = float(grad_norm)
+            window.add(step_metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_metrics['loss']:.3f}",
+                            acc=f"{step_metrics['rewards/accuracies']:.2f}", refresh=False)  # fmt: skip
+            # 3. log and evaluate
+            if state.step % cfg.log_every == 0 or state.step == total:
+                tracker.log(window.flush(scheduler.get_last_lr()[0],
+                                         state.pairs_seen / len(train), device), state.step)  # fmt: skip
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total:
+                evaluate()
+    final = evaluate()
+    return state, initial, final
