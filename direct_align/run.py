@@ -82,6 +82,19 @@ def preference_model(model: Any, cfg: TrainConfig,
     return PreferenceModel(model, chunked=cfg.chunked_logprobs, attention="segments")
 
 
+def resolve_inputs(cfg: Any) -> tuple[Path, str, str, BuiltinAssets | None]:
+    """(cache dir, model path, training data source, built-in assets or None) of a run whose
+    ``cfg`` has ``cache_dir``, ``model``, ``dataset`` and ``label_noise``; the built-in task
+    (built once into the cache) fills in whatever was not given."""
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    assets = None
+    if cfg.model is None or cfg.dataset is None:
+        assets = ensure_builtin(cache_dir, BuiltinSpec())
+    model_path = cfg.model or str(assets.model_dir)
+    train_source = cfg.dataset or str(assets.train_file(cfg.label_noise))
+    return cache_dir, model_path, train_source, assets
+
+
 def _prepare(source: str, tokenizer: Any, cfg: TrainConfig, split: str) -> PreparedData:
     data = prepare_pairs(source, tokenizer, fmt=cfg.format, max_length=cfg.max_length,
                          max_prompt_length=cfg.max_prompt_length, split=split)  # fmt: skip
@@ -96,15 +109,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
     run.check(resume=cfg.resume, overwrite=cfg.overwrite)
     if cfg.resume:
         _check_resume_config(run, cfg)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
 
     # 1. inputs: the built-in task fills in whatever was not given
-    assets: BuiltinAssets | None = None
-    if cfg.model is None or cfg.dataset is None:
-        assets = ensure_builtin(cache_dir, BuiltinSpec())
-    model_path = cfg.model or str(assets.model_dir)
+    cache_dir, model_path, train_source, assets = resolve_inputs(cfg)
     tokenizer = load_tokenizer(model_path)
-    train_source = cfg.dataset or str(assets.train_file(cfg.label_noise))
     train = _prepare(train_source, tokenizer, cfg, cfg.split).pairs
     if cfg.eval_dataset:
         evals = _prepare(cfg.eval_dataset, tokenizer, cfg, cfg.eval_split or cfg.split).pairs

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +15,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from direct_align.builtin.build import BuiltinAssets, BuiltinSpec, default_cache_dir, ensure_builtin
 from direct_align.builtin.task import true_reward
 from direct_align.config import uses_bf16
 from direct_align.data import PairDataset, prepare_pairs
@@ -27,7 +25,7 @@ from direct_align.rm.config import RewardConfig, save_yaml
 from direct_align.rm.evaluate import RewardEval, pearson, spearman
 from direct_align.rm.model import load_reward_model
 from direct_align.rm.train import fit_rm
-from direct_align.run import _save_final, split_holdout
+from direct_align.run import _save_final, resolve_inputs, split_holdout
 from direct_align.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -54,16 +52,11 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, Any]:
     started = time.time()
     run = RunDir(cfg.output_dir)
     check_output_dir(run, cfg.overwrite)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
 
     # 1. inputs: the built-in task fills in whatever was not given
-    assets: BuiltinAssets | None = None
-    if cfg.model is None or cfg.dataset is None:
-        assets = ensure_builtin(cache_dir, BuiltinSpec())
-    model_path = cfg.model or str(assets.model_dir)
+    _, model_path, train_source, assets = resolve_inputs(cfg)
     tokenizer = load_tokenizer(model_path)
-    train = _prepare(cfg.dataset or str(assets.train_file(cfg.label_noise)), tokenizer, cfg,
-                     cfg.split)  # fmt: skip
+    train = _prepare(train_source, tokenizer, cfg, cfg.split)
     builtin_eval = cfg.dataset is None and not cfg.eval_dataset  # labelled by the hidden reward
     if cfg.eval_dataset:
         evals = _prepare(cfg.eval_dataset, tokenizer, cfg, cfg.eval_split or cfg.split)
