@@ -20,13 +20,7 @@ differs in one setting only. TRL needs a fixed batch size: the micro-batches' me
 rounded (or ``--pairs-per-step``), over the same pairs in the same order (sequential sampler).
 Counts per step can thus differ a little, so speed is compared in pairs/s.
 
-MFU = step FLOPs / (step time × peak); step FLOPs = 6·N·tokens + 6·hidden·vocab·scored +
-12·layers·width·area, N the non-embedding parameters (the LM head counted apart), tokens those
-the model computes (never padding), scored the positions the LM head computes (response tokens
-when chunked, as in TRL's fused head; all tokens otherwise), width = heads·head_dim, area the
-query-key pairs attended: L²/2 per causal sequence, (p+c)²/2 + r·p + r²/2 for a shared-prompt
-pair (rejected rows over prompt + rejected). Peak: the best measured dense matmul (bf16 8192³ on
-CUDA, fp32 2048³ on a CPU); for H100/H200 also the nominal dense bf16 989 TFLOP/s.
+MFU: see ``mfu.py`` (the FLOP count of a step and the peak it is measured against).
 
     python scripts/bench_gpu.py --shape llama-3.2-1b --row-tokens 2048 --steps 20 --json bench_gpu.json
     python scripts/bench_gpu.py --shape qwen2.5-0.5b --row-tokens 8192 --steps 20 --json bench_gpu.json
@@ -60,6 +54,9 @@ from direct_align.losses import preference_loss
 from direct_align.run import preference_model
 from direct_align.trainer import peak_memory_gb
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mfu import NOMINAL_PEAK, ModelShape, measured_peak, step_work, sync  # noqa: E402
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "all-on": {"layout": "shared", "attn": "auto", "chunked_logprobs": True},
     "no-shared": {"layout": "packed", "attn": "auto", "chunked_logprobs": True},
@@ -74,7 +71,6 @@ SHAPES: dict[str, tuple[type[PretrainedConfig], int, int, int, int, int, int, fl
     "tiny": (LlamaConfig, 64, 2, 4, 2, 128, 1000, 1e4),
 }
 PAD, BOS, EOS = 0, 1, 2  # token ids 0-2 are special; random tokens are drawn from the rest
-NOMINAL_PEAK = {"H100": 989e12, "H200": 989e12}  # dense bf16 FLOP/s (SXM)
 
 
 def model_config(shape: str) -> PretrainedConfig:
@@ -90,51 +86,6 @@ def build_model(shape: str, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(model_config(shape), dtype=torch.float32)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the FLOP count needs of a model."""
-
-    layers: int
-    width: int  # attention width: heads × head_dim
-    hidden: int
-    vocab: int
-    trunk_params: int  # parameters outside the token embedding and the LM head
-
-    @classmethod
-    def of(cls, config: PretrainedConfig) -> ModelShape:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        trunk = sum(p.numel() for n, p in model.named_parameters()
-                    if "embed_tokens" not in n and "lm_head" not in n)  # fmt: skip
-        c = config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        return cls(c.num_hidden_layers, c.num_attention_heads * head_dim, c.hidden_size,
-                   c.vocab_size, trunk)  # fmt: skip
-
-
-def step_work(shape: ModelShape, lengths: list[tuple[int, int, int]], layout: str,
-              chunked: bool) -> tuple[int, int, float]:  # fmt: skip
-    """(tokens computed, row slots with padding, FLOPs) of one forward + backward over pairs of
-    (prompt, chosen, rejected) ``lengths`` in ``layout`` (see the module docstring)."""
-    tokens = responses = 0
-    area = 0.0
-    for p, c, r in lengths:
-        responses += c + r
-        if layout == "shared":
-            tokens += p + c + r
-            area += (p + c) ** 2 / 2 + r * p + r**2 / 2
-        else:
-            tokens += 2 * p + c + r
-            area += ((p + c) ** 2 + (p + r) ** 2) / 2
-    slots = tokens
-    if layout == "padded":
-        slots = 2 * len(lengths) * max(p + max(c, r) for p, c, r in lengths)
-    scored = responses if chunked else tokens
-    flops = (6 * shape.trunk_params * tokens + 6 * shape.hidden * shape.vocab * scored
-             + 12 * shape.layers * shape.width * area)  # fmt: skip
-    return tokens, slots, flops
 
 
 @dataclass
@@ -179,11 +130,6 @@ def make_plan(opts: argparse.Namespace, vocab: int) -> Plan:
 
 def autocast(device: str) -> AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def train_direct_align(variant: str, opts: argparse.Namespace, plan: Plan) -> dict[str, Any]:
@@ -292,22 +238,6 @@ def run_child(variant: str) -> dict[str, Any]:
         if proc.returncode != 0 or not result.exists():
             return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
         return json.loads(result.read_text())
-
-
-def measured_peak(device: str) -> float:
-    """Best dense matmul FLOP/s of the device: bf16 8192³ on CUDA, fp32 2048³ on a CPU."""
-    n, dtype, reps = (8192, torch.bfloat16, 10) if device == "cuda" else (2048, torch.float32, 1)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    c = a @ b
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            torch.matmul(a, b, out=c)
-        sync(device)
-        best = min(best, (time.perf_counter() - start) / reps)
-    return 2 * n**3 / best
 
 
 def measure(variant: str, r: dict[str, Any], plan: Plan, shape: ModelShape, warmup: int) -> None:
