@@ -19,8 +19,10 @@ import click
 
 from direct_align.config import TrainConfig, _base_type, resolve
 from direct_align.errors import ConfigError, DataError, DirectAlignError
+from direct_align.ppo.config import FIELDS as PPO_FIELDS
+from direct_align.ppo.config import PPOConfig, resolve_ppo
+from direct_align.rm.config import FIELDS as RM_FIELDS
 from direct_align.rm.config import RewardConfig, resolve_rm
-from direct_align.rm.config import base_type as rm_base_type
 
 _METAVARS = {int: "INT", float: "FLOAT", str: "TEXT"}
 
@@ -49,7 +51,8 @@ def _options(config_cls: type, base_type: Callable[[str], type]) -> Callable[...
 
 
 _train_options = _options(TrainConfig, _base_type)
-_rm_options = _options(RewardConfig, rm_base_type)
+_rm_options = _options(RewardConfig, RM_FIELDS.base_type)
+_ppo_options = _options(PPOConfig, PPO_FIELDS.base_type)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -93,6 +96,23 @@ def train_rm(**values: Any) -> None:
     print_rm_summary(run_train_rm(cfg), cfg.output_dir)
 
 
+@cli.command()
+@_ppo_options
+def ppo(**values: Any) -> None:
+    """Train a policy with PPO against a reward model (the RLHF baseline).
+
+    Holds the policy, a critic (or a value head on the policy), the frozen reference and the
+    reward model. With no --model and no --dataset it runs the whole pipeline on the built-in
+    task: the base model is the SFT stage, a reward model is trained on its preference pairs,
+    then PPO; it prints the true reward it reached.
+    """
+    from direct_align.ppo.report import print_ppo_summary
+    from direct_align.ppo.run import run_ppo
+
+    cfg = resolve_ppo(values)
+    print_ppo_summary(run_ppo(cfg), cfg.output_dir)
+
+
 def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -101,6 +121,7 @@ def _setup_logging() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars of every load
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
 

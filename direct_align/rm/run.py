@@ -16,12 +16,12 @@ from accelerate.utils import set_seed
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from direct_align.builtin.task import true_reward
-from direct_align.config import uses_bf16
+from direct_align.config import save_yaml, uses_bf16
 from direct_align.data import PairDataset, prepare_pairs
 from direct_align.errors import ConfigError
 from direct_align.models.loading import load_tokenizer
 from direct_align.outputs import RunDir
-from direct_align.rm.config import RewardConfig, save_yaml
+from direct_align.rm.config import RewardConfig
 from direct_align.rm.evaluate import RewardEval, pearson, spearman
 from direct_align.rm.model import load_reward_model
 from direct_align.rm.train import fit_rm
