@@ -33,6 +33,7 @@ from direct_align.rm.model import load_reward_model
 from direct_align.rm.run import check_output_dir, run_train_rm
 from direct_align.run import _save_final, resolve_inputs
 from direct_align.tracking import Tracker
+from direct_align.trainer import resident_mb
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _train_builtin_rm(cfg: PPOConfig, run: RunDir) -> tuple[str, dict[str, Any]]
 
 def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     """Train a policy with PPO as configured; returns the summary (also in ``summary.json``)."""
-    started = time.time()
+    started, rss_at_start = time.time(), resident_mb()  # the runtime before any model
     run = RunDir(cfg.output_dir)
     check_output_dir(run, cfg.overwrite)
     builtin = cfg.model is None and cfg.dataset is None
@@ -123,7 +124,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             "rollouts": state.rollouts, "updates": state.updates, "responses": state.responses,
             "tokens_generated": state.tokens_generated, "prompts": len(prompts),
             "critic": cfg.critic, "kl_coef": cfg.kl_coef, "reward_model": rm_path,
-            "models_in_memory": models_in_memory, "stages": stages,
+            "models_in_memory": models_in_memory, "stages": stages, "rss_at_start_mb": rss_at_start,
             "runtime_s": round(time.time() - started, 1),
             "train_runtime_s": round(state.train_seconds, 3),
         }  # fmt: skip
