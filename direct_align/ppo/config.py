@@ -94,7 +94,7 @@ FIELDS = Fields(PPOConfig, {
 })  # fmt: skip
 
 # The built-in task's recipe (~2M-parameter policy); applied under command-line values.
-BUILTIN_PRESET: dict[str, Any] = {"learning_rate": 1e-4}
+BUILTIN_PRESET: dict[str, Any] = {"learning_rate": 1e-4, "rollouts": 40}
 
 
 def resolve_ppo(cli: dict[str, Any]) -> PPOConfig:
