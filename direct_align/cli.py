@@ -38,6 +38,9 @@ def _options(config_cls: type, base_type: Callable[[str], type]) -> Callable[...
                 text += f" [default: {f.default}]"
             if tp is bool:
                 option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=text)
+            elif f.default_factory is list:  # a repeatable option
+                option = click.option(flag, f.name, type=str, multiple=True, metavar=_METAVARS[tp],
+                                      help=text)  # fmt: skip
             else:
                 metavar = "[" + "|".join(choices) + "]" if choices else _METAVARS[tp]
                 option = click.option(flag, f.name, type=str, default=None, metavar=metavar,
