@@ -36,14 +36,20 @@ from direct_align.data import PairDataset, fit_pair, load_source
 from direct_align.data.batching import Batcher
 from direct_align.data.tokenize import _left_truncate
 from direct_align.errors import DataError
-from direct_align.evaluate import encode_prompts, evaluate_pairs, sample
+from direct_align.evaluate import encode_prompts, sample
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.outputs import RunDir, read_state
 from direct_align.progress import progress
 from direct_align.reference import ReferenceLogps, score_pairs
 from direct_align.rewards import JudgeError, Rewards
 from direct_align.tracking import Tracker
-from direct_align.trainer import LogWindow, loss_kwargs, make_optimizer, optimizer_step
+from direct_align.trainer import (
+    LogWindow,
+    eval_metrics_of,
+    loss_kwargs,
+    make_optimizer,
+    optimizer_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +179,8 @@ def fit_online(
     def evaluate() -> dict[str, float]:
         if evals is None:
             return {}
-        metrics = evaluate_pairs(model, evals, ref_eval, loss=cfg.loss, beta=cfg.beta,
-                                 loss_kwargs=extra, batch_size=eval_batch, layout=cfg.layout,
-                                 pad_token_id=pad, device=device, autocast=accelerator.autocast)  # fmt: skip
-        metrics = {f"eval/{k}": v for k, v in metrics.items()}
+        metrics = eval_metrics_of(model, evals, ref_eval, cfg=cfg, accelerator=accelerator,
+                                  pad_token_id=pad)  # fmt: skip
         tracker.log(metrics, state.step)
         return metrics
 

@@ -115,6 +115,18 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def eval_metrics_of(model: PreferenceModel, evals: PairDataset, ref: ReferenceLogps | None, *,
+                    cfg: TrainConfig, accelerator: Accelerator,
+                    pad_token_id: int) -> dict[str, float]:  # fmt: skip
+    """``eval/*`` loss and reward metrics of the held-out pairs (:func:`evaluate_pairs`)."""
+    metrics = evaluate_pairs(model, evals, ref, loss=cfg.loss, beta=cfg.beta,
+                             loss_kwargs=loss_kwargs(cfg),
+                             batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                             layout=cfg.layout, pad_token_id=pad_token_id,
+                             device=accelerator.device, autocast=accelerator.autocast)  # fmt: skip
+    return {f"eval/{k}": v for k, v in metrics.items()}
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
                    total: int) -> tuple[torch.optim.Optimizer, Any]:  # fmt: skip
     """AdamW and the configured warmup-then-decay schedule over ``total`` optimizer steps."""
@@ -218,14 +230,10 @@ def fit(
 
     ref_train, ref_eval = refs.get("train"), refs.get("eval")
     extra = loss_kwargs(cfg)
-    eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
 
     def evaluate() -> dict[str, float]:
-        metrics = evaluate_pairs(model, evals, ref_eval, loss=cfg.loss, beta=cfg.beta,
-                                 loss_kwargs=extra, batch_size=eval_batch, layout=cfg.layout,
-                                 pad_token_id=pad_token_id, device=device,
-                                 autocast=accelerator.autocast)  # fmt: skip
-        metrics = {f"eval/{k}": v for k, v in metrics.items()}
+        metrics = eval_metrics_of(model, evals, ref_eval, cfg=cfg, accelerator=accelerator,
+                                  pad_token_id=pad_token_id)  # fmt: skip
         tracker.log(metrics, state.step)
         return metrics
 
