@@ -147,6 +147,15 @@ def _base_type(name: str) -> type:
     return tp
 
 
+def parse_bool(value: Any) -> bool:
+    """``value`` as a bool: a bool, or true/false/yes/no text; ValueError otherwise."""
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+        return value.lower() in ("true", "yes")
+    if not isinstance(value, bool):
+        raise ValueError
+    return value
+
+
 def coerce(name: str, value: Any, where: str) -> Any:
     """Convert ``value`` to the type of field ``name``; ``where`` prefixes the error message."""
     if value is None:
@@ -159,11 +168,7 @@ def coerce(name: str, value: Any, where: str) -> Any:
         return [coerce_item(name, item, where) for item in items]
     try:
         if tp is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-                return value.lower() in ("true", "yes")
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
+            return parse_bool(value)
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         if isinstance(value, bool) and tp in (int, float):
@@ -318,5 +323,6 @@ def uses_reference(cfg: TrainConfig) -> bool:
     return not (LOSSES[cfg.loss].reference_free or cfg.reference_free)
 
 
-def save_yaml(cfg: TrainConfig, path: Path) -> None:
+def save_yaml(cfg: Any, path: Path) -> None:
+    """Write the resolved settings of any command (a dataclass with ``to_dict``)."""
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

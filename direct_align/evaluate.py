@@ -64,6 +64,17 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -
     return [[bos, *p] if bos is not None and (not p or p[0] != bos) else p for p in ids]
 
 
+def left_pad(prompt_ids: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts left-padded to the longest, as ``generate`` wants them: (ids, mask), ``[B, P]``."""
+    width = max(map(len, prompt_ids))
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompt_ids):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -90,13 +101,8 @@ def sample(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(prompt_ids), batch_size):
-            chunk = prompt_ids[start : start + batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, p in enumerate(chunk):
-                ids[row, width - len(p) :] = torch.tensor(p)
-                mask[row, width - len(p) :] = 1
+            ids, mask = left_pad(prompt_ids[start : start + batch_size], pad_token_id)
+            width = ids.shape[1]
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
                 temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,

@@ -13,7 +13,8 @@ from typing import Any
 from direct_align.config import FIELDS, _base_type, coerce
 from direct_align.errors import ConfigError
 from direct_align.losses import LOSSES
-from direct_align.rm.config import _own, _same
+from direct_align.settings import own as _own
+from direct_align.settings import same as _same
 
 _OUTPUT = "Where to write the rows (.jsonl)."
 

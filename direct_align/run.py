@@ -33,7 +33,7 @@ from direct_align.models.varlen import choose_attention, use_varlen_attention
 from direct_align.outputs import RunDir, read_state
 from direct_align.reference import ReferenceCache, cached_reference_logps
 from direct_align.tracking import Tracker
-from direct_align.trainer import fit
+from direct_align.trainer import fit, resident_mb
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
         from direct_align.online_run import run_online
 
         return run_online(cfg)
-    started = time.time()
+    started, rss_at_start = time.time(), resident_mb()  # the runtime before any model
     run = RunDir(cfg.output_dir)
     run.check(resume=cfg.resume, overwrite=cfg.overwrite)
     if cfg.resume:
@@ -177,6 +177,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
             "epochs": state.pairs_seen / len(train), "train_pairs": len(train),
             "eval_pairs": len(evals), "initial": initial, "final": eval_metrics,
             "reference_cache": ref_status, "runtime_s": round(time.time() - started, 1),
+            "models_in_memory": 1,  # while training: the policy (reference log-probs are cached)
+            "rss_at_start_mb": rss_at_start,
             "train_runtime_s": round(state.train_seconds, 3),
             "train_samples_per_s": round(state.pairs_seen / max(state.train_seconds, 1e-9), 4),
         }  # fmt: skip

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -193,6 +194,15 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     step_metrics["grad_norm"] = float(grad_norm)
     return step_metrics, tokens
+
+
+def resident_mb() -> float | None:
+    """The process's resident memory now, in MiB (Linux; None where /proc is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(pages * resource.getpagesize() / 2**20, 1)
 
 
 def fit(

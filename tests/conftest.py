@@ -10,6 +10,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -52,3 +54,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> 
     make_tiny_model(tiny_tokenizer).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def default_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """`direct-align train --loss dpo` with nothing else, in an empty cache: (cache, working
+    directory, the finished process). The cache then holds the built task for later tests."""
+    tmp = tmp_path_factory.mktemp("builtin")
+    env = {**os.environ, "DIRECT_ALIGN_CACHE": str(tmp / "cache")}
+    result = subprocess.run([sys.executable, "-m", "direct_align", "train", "--loss", "dpo"],
+                            cwd=tmp, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    return tmp / "cache", tmp, result

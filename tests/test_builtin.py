@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,11 +45,9 @@ def test_tokenizer_round_trips_and_has_a_chat_template(tiny_tokenizer) -> None:
 
 
 @pytest.mark.slow
-def test_default_command_raises_the_hidden_reward(tmp_path: Path) -> None:
+def test_default_command_raises_the_hidden_reward(default_run) -> None:
     """`direct-align train --loss dpo` with nothing else: builds the task, trains, reports."""
-    env = {**os.environ, "DIRECT_ALIGN_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-m", "direct_align", "train", "--loss", "dpo"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    _, tmp_path, result = default_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "built-in task: building it once" in result.stderr
     assert "true reward of samples (hidden, ↑)" in result.stdout

@@ -16,17 +16,18 @@ from accelerate.utils import set_seed
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from direct_align.builtin.task import true_reward
-from direct_align.config import uses_bf16
+from direct_align.config import save_yaml, uses_bf16
 from direct_align.data import PairDataset, prepare_pairs
 from direct_align.errors import ConfigError
 from direct_align.models.loading import load_tokenizer
 from direct_align.outputs import RunDir
-from direct_align.rm.config import RewardConfig, save_yaml
+from direct_align.rm.config import RewardConfig
 from direct_align.rm.evaluate import RewardEval, pearson, spearman
 from direct_align.rm.model import load_reward_model
 from direct_align.rm.train import fit_rm
 from direct_align.run import _save_final, resolve_inputs, split_holdout
 from direct_align.tracking import Tracker
+from direct_align.trainer import resident_mb
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _prepare(source: str, tokenizer: PreTrainedTokenizerBase, cfg: RewardConfig,
 
 def run_train_rm(cfg: RewardConfig) -> dict[str, Any]:
     """Train a reward model as configured; returns the summary (also in ``summary.json``)."""
-    started = time.time()
+    started, rss_at_start = time.time(), resident_mb()  # the runtime before any model
     run = RunDir(cfg.output_dir)
     check_output_dir(run, cfg.overwrite)
 
@@ -88,7 +89,7 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, Any]:
         summary: dict[str, Any] = {
             "steps": state.step, "epochs": state.pairs_seen / len(train),
             "train_pairs": len(train), "eval_pairs": len(evals),
-            "center_rewards_coef": cfg.center_rewards_coef,
+            "center_rewards_coef": cfg.center_rewards_coef, "rss_at_start_mb": rss_at_start,
             "initial": {f"eval/{k}": v for k, v in initial.metrics.items()},
             "final": {f"eval/{k}": v for k, v in final.metrics.items()},
             "runtime_s": round(time.time() - started, 1),

@@ -1,0 +1,1 @@
+"""`direct-align compare`: PPO against the direct losses on the built-in task, measured."""

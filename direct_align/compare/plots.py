@@ -1,0 +1,93 @@
+"""The comparison's three plots, readable at a glance: labelled axes with units, one colour and
+marker per method, each point labelled with its strength, the reference as a dashed line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLE = {"ppo": ("tab:red", "s"), "dpo": ("tab:blue", "o"), "ipo": ("tab:green", "^"),
+         "orpo": ("tab:purple", "D"), "simpo": ("tab:orange", "v"),
+         "online-dpo": ("tab:cyan", "P")}  # fmt: skip
+NAMES = {"ppo": "PPO (SFT → RM → PPO)", "dpo": "DPO", "ipo": "IPO", "orpo": "ORPO",
+         "simpo": "SimPO", "online-dpo": "online DPO"}  # fmt: skip
+REWARD_LABEL = "true reward of samples (hidden, higher is better)"
+
+
+def _by_method(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["method"], []).append(row)
+    return groups
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"{row['strength']}={row['value']:g}"
+
+
+def _scatter(ax: plt.Axes, rows: list[dict[str, Any]], x: str) -> None:
+    for method, group in _by_method(rows).items():
+        color, marker = STYLE.get(method, ("black", "x"))
+        group = sorted(group, key=lambda r: r[x])
+        xs, ys = [r[x] for r in group], [r["true_reward"] for r in group]
+        name = NAMES.get(method, method)
+        ax.plot(xs, ys, color=color, marker=marker, markersize=8, linewidth=1, alpha=0.9,
+                label=name)  # fmt: skip
+        for r in group:
+            ax.annotate(_label(r), (r[x], r["true_reward"]), textcoords="offset points",
+                        xytext=(5, -11), fontsize=7, color=color)  # fmt: skip
+    ax.axhline(rows[0]["reference_true_reward"], color="gray", linestyle="--", linewidth=1,
+               label="reference (SFT model)")  # fmt: skip
+    ax.set_ylabel(REWARD_LABEL)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def write_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Write ``frontier.png``, ``reward_vs_time.png`` and ``memory.png`` into ``out``."""
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 5))
+    _scatter(ax, rows, "kl")
+    ax.set_xlabel("KL(policy ‖ reference) of samples, nats")
+    ax.set_title("Reward/KL frontier on the built-in task (up and left is better)")
+    paths.append(_save(fig, out / "frontier.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    _scatter(ax, rows, "total_wall_s")
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time of the whole pipeline after SFT, seconds (log scale)")
+    ax.set_title("True reward against training time (up and left is better)")
+    paths.append(_save(fig, out / "reward_vs_time.png"))
+
+    fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(rows)), 5))
+    colors = [STYLE.get(r["method"], ("black", "x"))[0] for r in rows]
+    above = [r["peak_above_start_mb"] for r in rows]
+    base = [r["peak_rss_mb"] - a for r, a in zip(rows, above)]
+    ax.bar(range(len(rows)), base, color="lightgray", label="process at start (Python, torch)")
+    bars = ax.bar(range(len(rows)), above, bottom=base, color=colors,
+                  label="added by models, data and training")  # fmt: skip
+    for bar, r in zip(bars, rows):
+        models = r["models_in_memory"]
+        ax.annotate(f"{models} model{'s' if models > 1 else ''}\n+{r['peak_above_start_mb']:.0f} MB",
+                    (bar.get_x() + bar.get_width() / 2, r["peak_rss_mb"]),
+                    ha="center", va="bottom", fontsize=7)  # fmt: skip
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_xticks(range(len(rows)), [f"{r['method']}\n{_label(r)}" for r in rows], fontsize=7)
+    ax.set_ylabel("peak resident memory of the largest stage, MB")
+    ax.set_ylim(0, 1.35 * max(r["peak_rss_mb"] for r in rows))
+    ax.set_title("Peak memory per run (labels: models held in memory while training)")
+    ax.grid(axis="y", alpha=0.3)
+    paths.append(_save(fig, out / "memory.png"))
+    return paths
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,110 @@
+"""`direct-align compare`: the PPO pipeline against the direct losses on the built-in task.
+
+Writes ``OUTPUT_DIR/comparison.json`` (one row per method and strength, with the commands that
+produced it), three plots (``frontier.png``, ``reward_vs_time.png``, ``memory.png``) and the run
+directories of every stage under ``OUTPUT_DIR/runs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from direct_align.builtin.build import BuiltinSpec, default_cache_dir, ensure_builtin
+from direct_align.compare.execute import StageResult, run_cache, run_stage
+from direct_align.compare.plan import Method, plan
+from direct_align.outputs import RunDir
+from direct_align.rm.run import check_output_dir
+
+log = logging.getLogger(__name__)
+
+
+def _above_start(result: StageResult) -> float:
+    start = result.summary.get("rss_at_start_mb")
+    return round(result.peak_rss_mb - start, 1) if start is not None else float("nan")
+
+
+def _row(method: Method, results: list[StageResult]) -> dict[str, Any]:
+    """One line of the comparison, from the summaries of the method's stages."""
+    final = results[-1].summary
+    builtin = final["builtin"]
+    return {
+        "run": method.name, "method": method.method, "strength": method.strength,
+        "value": method.value,
+        "true_reward": builtin["policy/true_reward"],
+        "reference_true_reward": builtin["reference/true_reward"],
+        "kl": builtin["policy/kl"],
+        "response_tokens": builtin["policy/response_tokens"],
+        "wall_s": {r.stage: r.wall_s for r in results},
+        "total_wall_s": round(sum(r.wall_s for r in results), 1),
+        "peak_rss_mb": max(r.peak_rss_mb for r in results),
+        # what the models, data and training added to the process (its runtime and imports
+        # excluded): the stage whose peak rose most above its resident memory at the start
+        "peak_above_start_mb": max(_above_start(r) for r in results),
+        "models_in_memory": max(r.summary.get("models_in_memory", 1) for r in results),
+        "tokens_generated": final.get("tokens_generated", 0),
+        "commands": [r.command for r in results],
+    }  # fmt: skip
+
+
+def run_compare(output_dir: str, *, quick: bool, seed: int, overwrite: bool,
+                cache_dir: str | None = None, only: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
+    """Run every planned method (or those named in ``only``) and write the table and plots."""
+    started = time.time()
+    run = RunDir(output_dir)
+    check_output_dir(run, overwrite)
+    shared_rm, methods = plan(quick, seed)
+    if only:
+        methods = [m for m in methods if m.method in only]
+    cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    build_start = time.time()
+    ensure_builtin(cache_root, BuiltinSpec())  # the SFT stage, shared by every method
+    sft_s = round(time.time() - build_start, 1)
+    run.prepare(overwrite=overwrite)
+    run.checkpoints.rmdir()
+    runs, caches = run.path / "runs", run.path / "cache"
+    runs.mkdir()
+
+    rm_result: StageResult | None = None
+    rows = []
+    for i, method in enumerate(methods, 1):
+        log.info("compare: [%d/%d] %s", i, len(methods), method.name)
+        results = []
+        for stage in method.stages:
+            if stage == shared_rm:
+                if rm_result is None:
+                    cache = run_cache(caches, "reward_model", cache_root / "builtin")
+                    rm_result = run_stage(stage, runs / "reward_model", cache)
+                results.append(rm_result)
+                continue
+            extra = ()
+            if stage.name == "ppo":
+                extra = ("--reward-model", str(Path(rm_result.output_dir) / "final"))
+            cache = run_cache(caches, method.name, cache_root / "builtin")
+            results.append(run_stage(stage, runs / method.name, cache, extra))
+        rows.append(_row(method, results))
+        r = rows[-1]
+        log.info("compare: %s true reward %.3f, KL %.2f, %.0f s, peak %.0f MB", method.name,
+                 r["true_reward"], r["kl"], r["total_wall_s"], r["peak_rss_mb"])  # fmt: skip
+
+    result = {
+        "quick": quick, "seed": seed, "rows": rows,
+        "sft": {"stage": "built-in base model (shared by every method)",
+                "wall_s": sft_s if sft_s > 5 else "cached"},
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                    "platform": platform.platform(),
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+        "runtime_s": round(time.time() - started, 1),
+    }  # fmt: skip
+    run.write_json("comparison.json", result)
+    from direct_align.compare.plots import write_plots  # matplotlib only when plotting
+
+    result["plots"] = [str(p) for p in write_plots(rows, run.path)]
+    run.write_json("comparison.json", result)
+    return result
