@@ -40,6 +40,9 @@ def _options(config_cls: type, base_type: Callable[[str], type]) -> Callable[...
                 text += f" [default: {f.default}]"
             if tp is bool:
                 option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=text)
+            elif f.default_factory is list:  # a repeatable option
+                option = click.option(flag, f.name, type=str, multiple=True, metavar=_METAVARS[tp],
+                                      help=text)  # fmt: skip
             else:
                 metavar = "[" + "|".join(choices) + "]" if choices else _METAVARS[tp]
                 option = click.option(flag, f.name, type=str, default=None, metavar=metavar,
@@ -143,6 +146,44 @@ def compare(quick: bool, output_dir: str | None, overwrite: bool, seed: int,
                          cache_dir=cache_dir, only=only)  # fmt: skip
     click.echo("\n" + markdown_table(result))
     click.echo(f"table and plots: {output_dir}/comparison.json, " + ", ".join(result["plots"]))
+
+
+# --- iterative DPO: label and select (direct_align/label.py, docs/online.md) -------------------
+from direct_align.label_config import LabelConfig, SelectConfig, resolve_command  # noqa: E402
+from direct_align.label_config import base_type as label_base_type  # noqa: E402
+
+
+@cli.command()
+@_options(LabelConfig, label_base_type)
+def label(**values: Any) -> None:
+    """Write a scored preference dataset: a policy samples, a judge scores, pairs are kept.
+
+    Each prompt gets --samples-per-prompt responses; the best is paired against the worst (or
+    every two past --pair-margin). The rows (prompt, chosen, rejected, score_chosen,
+    score_rejected) train with `direct-align train --dataset FILE`.
+    """
+    from direct_align.label import run_label
+
+    result = run_label(resolve_command(LabelConfig, values))
+    click.echo(f"{result['pairs']} pairs from {result['prompts']} prompts "
+               f"({result['judge_calls']} judge calls, mean reward {result['reward/total']:.3f})"
+               f" → {result['output']}")  # fmt: skip
+
+
+@cli.command()
+@_options(SelectConfig, label_base_type)
+def select(**values: Any) -> None:
+    """Rank unlabelled candidate pairs by the policy's uncertainty, most uncertain first.
+
+    Candidates are rows with prompt, a and b; uncertainty is a small |implicit-reward margin|
+    of --loss between a and b. The rows are written with their margin and rank.
+    """
+    from direct_align.label import run_select
+
+    result = run_select(resolve_command(SelectConfig, values))
+    click.echo(f"{result['written']} of {result['candidates']} candidates ranked (mean |margin| "
+               f"{result['selected_mean_abs_margin']:.4f} written, {result['mean_abs_margin']:.4f} "
+               f"all) → {result['output']}")  # fmt: skip
 
 
 def _setup_logging() -> None:

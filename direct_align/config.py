@@ -96,6 +96,26 @@ class TrainConfig:
     run_name: str | None = _f(None, "Run name for trackers (default: output directory name).")
     cache_dir: str | None = _f(None, "Cache for reference log-probs and the built-in task "
                                      "(default: $DIRECT_ALIGN_CACHE or ~/.cache/direct_align).")  # fmt: skip
+    # --- online DPO (sample, judge, learn; see docs/online.md) ------------------------------
+    online: bool = _f(False, "Online training: each round the policy samples responses to "
+                             "prompts of --dataset (a prompt column), a judge scores them and "
+                             "the policy trains on the pairs.")  # fmt: skip
+    rounds: int = _f(8, "Online: rounds of sample → judge → train.")
+    prompts_per_round: int = _f(64, "Online: prompts sampled per round.")
+    samples_per_prompt: int = _f(2, "Online/label: responses sampled per prompt (k ≥ 2).")
+    temperature: float = _f(1.0, "Online/label: sampling temperature.")
+    top_p: float = _f(1.0, "Online/label: nucleus sampling mass (1: off).")
+    max_new_tokens: int = _f(128, "Online/label: most tokens per sampled response.")
+    reward: list[str] = field(default_factory=list, metadata={
+        "help": "Online/label: a judge, SPEC[=WEIGHT]: builtin, module:function, "
+                "path.py:function or a reward-model directory; repeat for a weighted sum "
+                "(default: builtin on the built-in task).", "choices": None})  # fmt: skip
+    pair_margin: float | None = _f(None, "Online/label: pair every two responses to a prompt "
+                                         "whose rewards differ by more than this (default: "
+                                         "the best against the worst only).")  # fmt: skip
+    length_penalty: float = _f(0.0, "Online/label: subtracted from a reward per response token.")
+    eos_penalty: float = _f(0.0, "Online/label: subtracted from the reward of a response cut "
+                                 "off before EOS.")  # fmt: skip
     # --- built-in task -----------------------------------------------------------------------
     label_noise: float = _f(0.0, "Built-in task: share of preference labels flipped.")
     eval_prompts: int = _f(128, "Built-in task: held-out prompts sampled for the reward table.")
@@ -116,6 +136,7 @@ BUILTIN_PRESET: dict[str, Any] = {
     "max_length": 64,
     "eval_every": 50,
     "save_every": 0,
+    "max_new_tokens": 40,  # as the task's data and report were sampled
 }
 
 
@@ -142,6 +163,9 @@ def coerce(name: str, value: Any, where: str) -> Any:
             return None
         raise ConfigError(f"{where}: '{name}' cannot be empty")
     tp = _base_type(name)
+    if get_origin(_TYPES[name]) is list:  # repeatable options: one value or a list of them
+        items = list(value) if isinstance(value, list | tuple) else [value]
+        return [coerce_item(name, item, where) for item in items]
     try:
         if tp is bool:
             return parse_bool(value)
@@ -157,6 +181,13 @@ def coerce(name: str, value: Any, where: str) -> Any:
         prefix = "" if where.startswith("--") else f"{where}: "  # a flag names itself below
         raise ConfigError(f"{prefix}unknown {name} '{value}' (choose from {', '.join(choices)})")
     return value
+
+
+def coerce_item(name: str, value: Any, where: str) -> str:
+    """One text value of the list field ``name``."""
+    if not isinstance(value, str | int | float) or isinstance(value, bool) or value == "":
+        raise ConfigError(f"{where}: each '{name}' must be text, got {value!r}")
+    return str(value)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -191,7 +222,7 @@ def load_yaml(path: str) -> dict[str, Any]:
 def resolve(cli: dict[str, Any], config_file: str | None = None) -> TrainConfig:
     """Merge defaults, the built-in preset, YAML and CLI values, then validate."""
     from_yaml = load_yaml(config_file) if config_file else {}
-    explicit = {**from_yaml, **{k: v for k, v in cli.items() if v is not None}}
+    explicit = {**from_yaml, **{k: v for k, v in cli.items() if v is not None and v != ()}}
     explicit = {k: coerce(k, v, "--" + k.replace("_", "-")) for k, v in explicit.items()}
     builtin = explicit.get("model") is None and explicit.get("dataset") is None
     values = {**(BUILTIN_PRESET if builtin else {}), **explicit}
@@ -236,6 +267,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.label_noise < 0.5, "--label-noise must be in [0, 0.5)"),
         (cfg.eval_prompts >= 1, "--eval-prompts must be at least 1"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
+        *online_checks(cfg),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -253,6 +285,31 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--ref-model: {cfg.loss} is reference-free and uses no reference")
     if cfg.reference_free and cfg.ref_model is not None:
         raise ConfigError("--ref-model and --reference-free exclude each other")
+
+
+def online_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """(ok, message) pairs for the sampling and judge settings, and for --online."""
+    checks = [
+        (cfg.samples_per_prompt >= 2, "--samples-per-prompt must be at least 2"),
+        (cfg.temperature > 0, "--temperature must be > 0"),
+        (0 < cfg.top_p <= 1, "--top-p must be in (0, 1]"),
+        (cfg.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+        (cfg.pair_margin is None or cfg.pair_margin >= 0, "--pair-margin must be ≥ 0"),
+        (cfg.length_penalty >= 0 and cfg.eos_penalty >= 0,
+         "--length-penalty and --eos-penalty must be ≥ 0"),
+    ]  # fmt: skip
+    if cfg.online:
+        checks += [
+            (cfg.rounds >= 1, "--rounds must be at least 1"),
+            (cfg.prompts_per_round >= 1, "--prompts-per-round must be at least 1"),
+            (cfg.max_steps is None, "--max-steps does not apply to --online (use --rounds)"),
+            (cfg.max_steps_per_run is None, "--max-steps-per-run does not apply to --online"),
+            (cfg.max_tokens_per_batch is None,
+             "--max-tokens-per-batch does not apply to --online (use --batch-size)"),
+            (bool(cfg.reward) or cfg.dataset is None,
+             "--online with --dataset needs a judge: --reward SPEC (see --help)"),
+        ]  # fmt: skip
+    return checks
 
 
 def uses_bf16(cfg: TrainConfig) -> bool:

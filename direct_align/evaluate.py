@@ -85,9 +85,11 @@ def sample(
     pad_token_id: int,
     batch_size: int = 64,
     temperature: float = 1.0,
+    top_p: float = 1.0,
     seed: int = 0,
 ) -> list[list[int]]:
-    """One sampled response per prompt (ancestral sampling, no top-k/top-p), ending at EOS.
+    """One sampled response per prompt (ancestral sampling, no top-k; nucleus sampling when
+    ``top_p < 1``), ending at EOS.
 
     Batched ``generate`` with a KV cache on left-padded prompts; the global RNG is left as found.
     Deterministic for a given (seed, batch_size): batches draw from one random stream in turn.
@@ -103,7 +105,7 @@ def sample(
             width = ids.shape[1]
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
                 eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             )  # fmt: skip
             for row in out[:, width:].tolist():

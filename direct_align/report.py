@@ -34,4 +34,7 @@ def print_summary(summary: dict[str, Any], output_dir: str) -> None:
     lines += [f"{name:<{width}}  {_fmt(a):>10}  {_fmt(b):>10}" for name, a, b in rows]
     lines.append(f"{summary['steps']} steps, {summary['train_pairs']} pairs, "
                  f"{summary['runtime_s']:.0f} s → {output_dir}/final")  # fmt: skip
+    if summary.get("online"):
+        lines.append(f"online: {summary['rounds']} rounds, {summary['judge_calls']} judge calls "
+                     "(responses scored)")  # fmt: skip
     click.echo("\n" + "\n".join(lines))

@@ -104,6 +104,10 @@ def _prepare(source: str, tokenizer: Any, cfg: TrainConfig, split: str) -> Prepa
 
 def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
     """Train as configured; returns the summary, or None when stopped early for a later resume."""
+    if cfg.online:  # sample, judge, learn: direct_align.online
+        from direct_align.online_run import run_online
+
+        return run_online(cfg)
     started, rss_at_start = time.time(), resident_mb()  # the runtime before any model
     run = RunDir(cfg.output_dir)
     run.check(resume=cfg.resume, overwrite=cfg.overwrite)

@@ -116,6 +116,86 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def eval_metrics_of(model: PreferenceModel, evals: PairDataset, ref: ReferenceLogps | None, *,
+                    cfg: TrainConfig, accelerator: Accelerator,
+                    pad_token_id: int) -> dict[str, float]:  # fmt: skip
+    """``eval/*`` loss and reward metrics of the held-out pairs (:func:`evaluate_pairs`)."""
+    metrics = evaluate_pairs(model, evals, ref, loss=cfg.loss, beta=cfg.beta,
+                             loss_kwargs=loss_kwargs(cfg),
+                             batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                             layout=cfg.layout, pad_token_id=pad_token_id,
+                             device=accelerator.device, autocast=accelerator.autocast)  # fmt: skip
+    return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                   total: int) -> tuple[torch.optim.Optimizer, Any]:  # fmt: skip
+    """AdamW and the configured warmup-then-decay schedule over ``total`` optimizer steps."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)  # fmt: skip
+    warmup = round(cfg.warmup_ratio * total)
+    kwargs = {} if cfg.lr_scheduler == "constant" else {"num_training_steps": total}
+    return optimizer, SCHEDULES[cfg.lr_scheduler](optimizer, num_warmup_steps=warmup, **kwargs)
+
+
+def optimizer_step(
+    model: PreferenceModel,
+    data: PairDataset,
+    group: list[list[int]],
+    ref: ReferenceLogps | None,
+    *,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    pad_token_id: int,
+    loss_options: dict[str, Any],
+    step: int,
+    run: RunDir,
+) -> tuple[dict[str, float], int]:
+    """One optimizer step on the micro-batches ``group`` (pair indices into ``data``).
+
+    Each micro-batch's loss is weighted by its share of the step's pairs, so the step is a mean
+    over its pairs. ``ref`` holds the reference sums of ``data`` (None: reference-free).
+    Returns (the step's pair-weighted metrics with ``grad_norm``, tokens computed). Raises
+    :class:`DirectAlignError` on a non-finite loss, before it reaches the weights; ``step`` (the
+    step's number) and ``run`` (its last checkpoint) go into that message.
+    """
+    device = accelerator.device
+    n_pairs = sum(map(len, group))
+    step_metrics: dict[str, float] = {}
+    tokens = 0
+    model.train()
+    for k, index in enumerate(group):
+        batch = build_batch(data, index, cfg.layout, pad_token_id).to(device)
+        sync = k == len(group) - 1
+        with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+            out = model(batch)
+            ref_c, ref_r = ref.select(batch.index.cpu()) if ref else (None, None)
+            loss, metrics = preference_loss(
+                cfg.loss, chosen_logps=out.chosen, rejected_logps=out.rejected,
+                ref_chosen_logps=None if ref_c is None else ref_c.to(device),
+                ref_rejected_logps=None if ref_r is None else ref_r.to(device),
+                chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths,
+                beta=cfg.beta, **loss_options,
+            )  # fmt: skip
+        if not torch.isfinite(loss):
+            raise DirectAlignError(
+                f"step {step}: the loss is {loss.item()} (non-finite); the weights were not "
+                f"updated; last checkpoint: {run.last_checkpoint()}"
+            )
+        accelerator.backward(loss * len(index) / n_pairs)
+        for key, value in {"loss": loss.item(), **metrics}.items():
+            step_metrics[key] = step_metrics.get(key, 0.0) + value * len(index) / n_pairs
+        tokens += batch.num_tokens
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or 1e30)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_metrics["grad_norm"] = float(grad_norm)
+    return step_metrics, tokens
+
+
 def resident_mb() -> float | None:
     """The process's resident memory now, in MiB (Linux; None where /proc is missing)."""
     try:
@@ -147,11 +227,7 @@ def fit(
     batcher = Batcher(train, batch_size=cfg.batch_size, seed=cfg.seed, layout=cfg.layout,
                       max_tokens=cfg.max_tokens_per_batch)  # fmt: skip
     total = total_steps(batcher, cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)  # fmt: skip
-    warmup = round(cfg.warmup_ratio * total)
-    kwargs = {} if cfg.lr_scheduler == "constant" else {"num_training_steps": total}
-    scheduler = SCHEDULES[cfg.lr_scheduler](optimizer, num_warmup_steps=warmup, **kwargs)
+    optimizer, scheduler = make_optimizer(model, cfg, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
@@ -164,14 +240,10 @@ def fit(
 
     ref_train, ref_eval = refs.get("train"), refs.get("eval")
     extra = loss_kwargs(cfg)
-    eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
 
     def evaluate() -> dict[str, float]:
-        metrics = evaluate_pairs(model, evals, ref_eval, loss=cfg.loss, beta=cfg.beta,
-                                 loss_kwargs=extra, batch_size=eval_batch, layout=cfg.layout,
-                                 pad_token_id=pad_token_id, device=device,
-                                 autocast=accelerator.autocast)  # fmt: skip
-        metrics = {f"eval/{k}": v for k, v in metrics.items()}
+        metrics = eval_metrics_of(model, evals, ref_eval, cfg=cfg, accelerator=accelerator,
+                                  pad_token_id=pad_token_id)  # fmt: skip
         tracker.log(metrics, state.step)
         return metrics
 
@@ -193,39 +265,17 @@ def fit(
             group = next(groups)
             step_start = time.perf_counter()
             n_pairs = sum(map(len, group))
-            step_metrics: dict[str, float] = {}
-            model.train()
-            for k, index in enumerate(group):
-                batch = build_batch(train, index, cfg.layout, pad_token_id).to(device)
-                sync = k == len(group) - 1
-                with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                    out = model(batch)
-                    ref_c, ref_r = ref_train.select(batch.index.cpu()) if ref_train else (None, None)
-                    loss, metrics = preference_loss(
-                        cfg.loss, chosen_logps=out.chosen, rejected_logps=out.rejected,
-                        ref_chosen_logps=None if ref_c is None else ref_c.to(device),
-                        ref_rejected_logps=None if ref_r is None else ref_r.to(device),
-                        chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths,
-                        beta=cfg.beta, **extra,
-                    )  # fmt: skip
-                if not torch.isfinite(loss):
-                    raise DirectAlignError(
-                        f"step {state.step + 1}: the loss is {loss.item()} (non-finite); the "
-                        f"weights were not updated; last checkpoint: {run.last_checkpoint()}")
-                accelerator.backward(loss * len(index) / n_pairs)
-                for key, value in {"loss": loss.item(), **metrics}.items():
-                    step_metrics[key] = step_metrics.get(key, 0.0) + value * len(index) / n_pairs
-                window.tokens += batch.num_tokens
-                state.micro += 1
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or 1e30)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_metrics, tokens = optimizer_step(
+                model, train, group, ref_train, cfg=cfg, accelerator=accelerator,
+                optimizer=optimizer, scheduler=scheduler, pad_token_id=pad_token_id,
+                loss_options=extra, step=state.step + 1, run=run,
+            )  # fmt: skip
+            window.tokens += tokens
+            state.micro += len(group)
             state.step += 1
             state.pairs_seen += n_pairs
             state.train_seconds += time.perf_counter() - step_start
             steps_this_run += 1
-            step_metrics["grad_norm"] = float(grad_norm)
             window.add(step_metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{step_metrics['loss']:.3f}",
@@ -253,4 +303,3 @@ def fit(
             signal.signal(s, handler)
     eval_metrics = evaluate()
     return state, eval_metrics, True
-

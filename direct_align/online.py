@@ -1,0 +1,292 @@
+"""Online DPO: the policy samples, a judge scores, the policy learns from its own fresh pairs.
+
+As in online AI-feedback DPO (Guo et al. 2024) and iterative DPO (Xiong et al. 2024), each
+round of :func:`fit_online`:
+
+1. takes the next ``prompts_per_round`` prompts (a seeded permutation, repeated when used up);
+2. samples ``k = samples_per_prompt`` responses per prompt from the current policy (batched
+   ``generate`` with a KV cache; temperature, top-p, ``max_new_tokens``);
+3. scores every response with the judge (:mod:`direct_align.rewards`): ``k`` judge calls per
+   prompt, where a *judge call* is one response scored;
+4. pairs the best response of each prompt against its worst, or with ``pair_margin`` every two
+   whose rewards differ by more than it; a prompt whose responses all tie gives no pair;
+5. computes the reference log-probs of the fresh pairs with the reference model held in memory
+   (none for reference-free losses such as SimPO and ORPO);
+6. trains ``epochs`` passes over the round's pairs, in optimizer steps of ``batch_size ×
+   grad_accum`` pairs (:func:`direct_align.trainer.optimizer_step`, as offline training).
+
+A checkpoint at a round's end holds the weights, optimizer, schedule and RNG states; the data
+of a round is a function of (seed, round), so ``--resume`` continues with the very same rounds.
+A judge that fails stops the run after the last round's work is checkpointed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from direct_align.config import TrainConfig
+from direct_align.data import PairDataset, fit_pair, load_source
+from direct_align.data.batching import Batcher
+from direct_align.data.tokenize import _left_truncate
+from direct_align.errors import DataError
+from direct_align.evaluate import encode_prompts, sample
+from direct_align.models.logprobs import PreferenceModel
+from direct_align.outputs import RunDir, read_state
+from direct_align.progress import progress
+from direct_align.reference import ReferenceLogps, score_pairs
+from direct_align.rewards import JudgeError, Rewards
+from direct_align.tracking import Tracker
+from direct_align.trainer import (
+    LogWindow,
+    eval_metrics_of,
+    loss_kwargs,
+    make_optimizer,
+    optimizer_step,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineState:
+    """Where online training is: everything besides weights, optimizer and RNG that resuming needs."""
+
+    round: int = 0  # rounds done
+    step: int = 0  # optimizer steps done
+    pairs: int = 0  # pairs made from judged samples
+    pairs_seen: int = 0  # pairs trained on, counted once per epoch
+    judge_calls: int = 0  # responses scored
+    train_seconds: float = 0.0
+
+
+def load_prompts(source: str, split: str | None = None) -> list[str]:
+    """The ``prompt`` column of a dataset (any source :func:`load_source` reads), as texts."""
+    ds = load_source(source, split=split)
+    if "prompt" not in ds.column_names:
+        raise DataError(f"{source}: online training needs a 'prompt' column "
+                        f"(columns: {', '.join(ds.column_names)})")  # fmt: skip
+    prompts = ds["prompt"]
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise DataError(f"{source}: row {i}: 'prompt' must be non-empty text, got {p!r}")
+    return list(prompts)
+
+
+def round_prompts(n: int, per_round: int, seed: int, round_index: int) -> list[int]:
+    """Indices of the prompts of round ``round_index``: consecutive slices of seeded
+    permutations of ``range(n)``, a new permutation each time the prompts are used up."""
+    out: list[int] = []
+    position = round_index * per_round
+    while len(out) < per_round:
+        cycle, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + cycle))
+        take = order[offset : offset + per_round - len(out)].tolist()
+        out += take
+        position += len(take)
+    return out
+
+
+def make_pairs(scores: torch.Tensor, margin: float | None = None) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) index triples from rewards ``[P, k]`` of k responses a prompt.
+
+    Without ``margin``: the best response against the worst (the first of equals), none when
+    all k tie. With ``margin``: every ordered pair whose rewards differ by more than ``margin``.
+    """
+    triples = []
+    for p, row in enumerate(scores.tolist()):
+        if margin is None:
+            best = max(range(len(row)), key=row.__getitem__)
+            worst = min(range(len(row)), key=row.__getitem__)
+            if row[best] > row[worst]:
+                triples.append((p, best, worst))
+        else:
+            triples += [(p, i, j) for i in range(len(row)) for j in range(len(row))
+                        if row[i] - row[j] > margin]  # fmt: skip
+    return triples
+
+
+def pairs_from_samples(prompt_ids: list[list[int]], responses: list[list[int]], k: int,
+                       triples: list[tuple[int, int, int]], *, max_length: int,
+                       max_prompt_length: int | None, bos_id: int | None) -> PairDataset:  # fmt: skip
+    """The pairs ``triples`` as token ids, fitted into ``max_length`` as offline pairs are.
+
+    ``responses`` holds ``k`` responses per prompt, prompt by prompt (``P × k`` lists); pairs
+    whose responses are identical after truncation are left out.
+    """
+    out = PairDataset([], [], [])
+    for p, c, r in triples:
+        fitted = fit_pair(prompt_ids[p], responses[p * k + c], responses[p * k + r],
+                          max_length=max_length, max_prompt_length=max_prompt_length,
+                          bos_id=bos_id)  # fmt: skip
+        if fitted is None or fitted[1] == fitted[2] or not fitted[1] or not fitted[2]:
+            continue
+        out.prompt_ids.append(fitted[0])
+        out.chosen_ids.append(fitted[1])
+        out.rejected_ids.append(fitted[2])
+    return out
+
+
+def steps_per_round(cfg: TrainConfig) -> int:
+    """The most optimizer steps one round can take (each prompt giving its most pairs)."""
+    k = cfg.samples_per_prompt
+    pairs = cfg.prompts_per_round * (1 if cfg.pair_margin is None else k * (k - 1) // 2)
+    return cfg.epochs * math.ceil(math.ceil(pairs / cfg.batch_size) / cfg.grad_accum)
+
+
+def fit_online(
+    model: PreferenceModel,
+    reference: PreferenceModel | None,
+    prompts: list[str],
+    rewards: Rewards,
+    evals: PairDataset | None,
+    ref_eval: ReferenceLogps | None,
+    *,
+    tokenizer: Any,
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    run: RunDir,
+    tracker: Tracker,
+) -> tuple[OnlineState, dict[str, float]]:
+    """Train for ``cfg.rounds`` rounds (see the module docstring); returns (state, last eval).
+
+    The learning-rate schedule is laid out over the most steps the rounds can take; rounds that
+    give fewer pairs (ties) end it early. Raises :class:`~direct_align.rewards.JudgeError` after
+    checkpointing the rounds done, and DirectAlignError on a non-finite loss.
+    """
+    device = accelerator.device
+    pad = tokenizer.pad_token_id
+    total = cfg.rounds * steps_per_round(cfg)
+    optimizer, scheduler = make_optimizer(model, cfg, total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    state = OnlineState()
+    if cfg.resume:
+        checkpoint = run.last_checkpoint()
+        accelerator.load_state(str(checkpoint))
+        state = OnlineState(**read_state(checkpoint)["online_state"])
+        log.info("resuming from %s (round %d of %d)", checkpoint, state.round, cfg.rounds)
+    extra = loss_kwargs(cfg)
+    eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
+    saved_round = state.round
+
+    def evaluate() -> dict[str, float]:
+        if evals is None:
+            return {}
+        metrics = eval_metrics_of(model, evals, ref_eval, cfg=cfg, accelerator=accelerator,
+                                  pad_token_id=pad)  # fmt: skip
+        tracker.log(metrics, state.step)
+        return metrics
+
+    def checkpoint() -> None:
+        nonlocal saved_round
+        run.save_checkpoint(state.step, lambda d: accelerator.save_state(str(d)),
+                            {"online_state": asdict(state), "total_steps": total},
+                            keep=cfg.save_total_limit)  # fmt: skip
+        saved_round = state.round
+
+    eval_metrics = evaluate() if state.round == 0 else {}
+    k = cfg.samples_per_prompt
+    bar = progress(total=cfg.rounds, initial=state.round, desc=f"online ({cfg.loss})", unit="round")
+    try:
+        while state.round < cfg.rounds:
+            # 1-2. this round's prompts, k samples each from the current policy
+            index = round_prompts(len(prompts), cfg.prompts_per_round, cfg.seed, state.round)
+            texts = [prompts[i] for i in index]
+            prompt_ids = encode_for_sampling(tokenizer, texts, cfg)
+            lm = accelerator.unwrap_model(model).model
+            responses = sample(lm, [p for p in prompt_ids for _ in range(k)],
+                               max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=pad, batch_size=eval_batch * 2,
+                               temperature=cfg.temperature, top_p=cfg.top_p,
+                               seed=cfg.seed * 100_003 + state.round)  # fmt: skip
+            # 3. judge every response: k calls a prompt
+            decoded = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            ended = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
+            try:
+                scores, judge_metrics = rewards([t for t in texts for _ in range(k)], decoded,
+                                                lengths=[len(r) for r in responses], ended=ended)  # fmt: skip
+            except JudgeError as e:
+                raise _judge_failed(e, state, saved_round, checkpoint, run) from None
+            state.judge_calls += len(responses)
+            # 4-5. pairs, and their reference log-probs
+            triples = make_pairs(scores.view(len(texts), k), cfg.pair_margin)
+            data = pairs_from_samples(prompt_ids, responses, k, triples, max_length=cfg.max_length,
+                                      max_prompt_length=cfg.max_prompt_length,
+                                      bos_id=tokenizer.bos_token_id)  # fmt: skip
+            state.pairs += len(data)
+            ref = None
+            if reference is not None and len(data):
+                ref = score_pairs(reference, data, batch_size=eval_batch, layout=cfg.layout,
+                                  pad_token_id=pad, device=device, autocast=accelerator.autocast)  # fmt: skip
+            # 6. optimizer steps on the round's pairs
+            window = LogWindow()
+            batcher = Batcher(data, batch_size=cfg.batch_size, seed=cfg.seed + state.round,
+                              layout=cfg.layout) if len(data) else None  # fmt: skip
+            for epoch in range(cfg.epochs if batcher else 0):
+                micro = batcher.micro_batches(epoch)
+                for start in range(0, len(micro), cfg.grad_accum):
+                    group = micro[start : start + cfg.grad_accum]
+                    step_start = time.perf_counter()
+                    metrics, tokens = optimizer_step(
+                        model, data, group, ref, cfg=cfg, accelerator=accelerator,
+                        optimizer=optimizer, scheduler=scheduler, pad_token_id=pad,
+                        loss_options=extra, step=state.step + 1, run=run,
+                    )  # fmt: skip
+                    state.step += 1
+                    state.pairs_seen += sum(map(len, group))
+                    state.train_seconds += time.perf_counter() - step_start
+                    window.add(metrics)
+                    window.tokens += tokens
+            state.round += 1
+            logged = {f"online/{key}": v for key, v in judge_metrics.items()}
+            logged |= {"online/round": state.round, "online/judge_calls": state.judge_calls,
+                       "online/pairs": len(data), "online/prompts_without_pair": len(texts) - len({p for p, _, _ in triples}),
+                       "online/response_tokens": sum(map(len, responses)) / len(responses),
+                       "online/missing_eos": 1 - sum(ended) / len(ended)}  # fmt: skip
+            if window.steps:
+                logged |= window.flush(scheduler.get_last_lr()[0], state.round, device)
+            tracker.log(logged, state.step)
+            bar.update(1)
+            bar.set_postfix(reward=f"{judge_metrics['reward/total']:.3f}", pairs=len(data),
+                            refresh=False)  # fmt: skip
+            last = state.round == cfg.rounds
+            if cfg.eval_every and not last and _crossed(state.step, window.steps, cfg.eval_every):
+                eval_metrics = evaluate()
+            if cfg.save_every and not last and _crossed(state.step, window.steps, cfg.save_every):
+                checkpoint()
+    finally:
+        bar.close()
+    return state, evaluate() or eval_metrics
+
+
+def _crossed(step: int, steps_taken: int, every: int) -> bool:
+    """Whether the last ``steps_taken`` steps, ending at ``step``, passed a multiple of ``every``."""
+    return step // every > (step - steps_taken) // every
+
+
+def _judge_failed(error: JudgeError, state: OnlineState, saved_round: int, checkpoint: Any,
+                  run: RunDir) -> JudgeError:  # fmt: skip
+    """The judge's error, after checkpointing the rounds done since the last checkpoint."""
+    if state.round > saved_round:
+        checkpoint()
+    where = run.last_checkpoint()
+    if where is None:
+        note = "no round was trained; nothing to checkpoint"
+    else:
+        note = f"rounds done: {state.round}, checkpoint {where} (fix the judge, then --resume)"
+    return JudgeError(f"round {state.round + 1}: {error}; {note}")
+
+
+def encode_for_sampling(tokenizer: Any, prompts: list[str], cfg: TrainConfig) -> list[list[int]]:
+    """Prompt ids as training tokenizes a standard-format prompt (BOS, then the text), cut from
+    the left (BOS kept) to ``max_prompt_length`` (default ``max_length // 2``) tokens."""
+    keep = max(1, min(cfg.max_prompt_length or cfg.max_length // 2, cfg.max_length - 1))
+    return [_left_truncate(ids, keep, tokenizer.bos_token_id)
+            for ids in encode_prompts(tokenizer, prompts)]  # fmt: skip

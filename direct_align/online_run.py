@@ -1,0 +1,116 @@
+"""`direct-align train --online` from settings to outputs.
+
+As for offline training, every input (output directory rules, model, tokenizer, prompts, judges,
+eval pairs and their reference log-probs) is loaded and checked before the output directory is
+created or emptied. The reference model stays in memory: fresh samples need reference log-probs
+every round. (Reference log-probs from the policy with LoRA adapters disabled would save that
+copy; LoRA is not in the package yet.)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from direct_align.config import TrainConfig, save_yaml, uses_bf16, uses_reference
+from direct_align.data import PairDataset
+from direct_align.models.loading import load_causal_lm, load_tokenizer
+from direct_align.models.logprobs import PreferenceModel
+from direct_align.online import fit_online, load_prompts
+from direct_align.outputs import RunDir, read_state
+from direct_align.reference import ReferenceCache, ReferenceLogps, cached_reference_logps
+from direct_align.rewards import load_rewards
+from direct_align.run import (
+    _builtin_report,
+    _check_resume_config,
+    _first_eval,
+    _prepare,
+    _save_final,
+    preference_model,
+    resolve_inputs,
+)
+from direct_align.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def run_online(cfg: TrainConfig) -> dict[str, Any]:
+    """Train online as configured; returns the summary (also written to ``summary.json``)."""
+    started = time.time()
+    run = RunDir(cfg.output_dir)
+    run.check(resume=cfg.resume, overwrite=cfg.overwrite)
+    if cfg.resume:
+        _check_resume_config(run, cfg)
+
+    # 1. inputs: prompts (a dataset's prompt column, or the built-in task's), judges, eval pairs
+    cache_dir, model_path, source, assets = resolve_inputs(cfg)
+    tokenizer = load_tokenizer(model_path)
+    prompts = load_prompts(source, cfg.split if cfg.dataset else None)
+    log.info("prompts: %d from %s", len(prompts), source)
+    accelerator = Accelerator(mixed_precision="bf16" if uses_bf16(cfg) else "no")
+    rewards = load_rewards(cfg.reward or ["builtin"], length_penalty=cfg.length_penalty,
+                           eos_penalty=cfg.eos_penalty, max_length=cfg.max_length,
+                           device=accelerator.device)  # fmt: skip
+    log.info("judge: %s", " + ".join(f"{j.weight:g}·{j.name}" for j in rewards.judges))
+    evals: PairDataset | None = None
+    if cfg.eval_dataset:
+        evals = _prepare(cfg.eval_dataset, tokenizer, cfg, cfg.eval_split or cfg.split).pairs
+    elif cfg.dataset is None:
+        evals = _prepare(str(assets.eval_file), tokenizer, cfg, "train").pairs
+
+    # 2. models: the policy, and the reference held in memory for the fresh samples
+    set_seed(cfg.seed)
+    policy = preference_model(load_causal_lm(model_path), cfg, accelerator.device)
+    if cfg.gradient_checkpointing:
+        policy.model.gradient_checkpointing_enable()
+    reference: PreferenceModel | None = None
+    ref_eval: ReferenceLogps | None = None
+    if uses_reference(cfg):
+        ref_lm = load_causal_lm(cfg.ref_model or model_path,
+                                option="--ref-model" if cfg.ref_model else "--model")  # fmt: skip
+        reference = preference_model(ref_lm.requires_grad_(False), cfg, accelerator.device)
+        reference.to(accelerator.device).eval()
+        if evals is not None:
+            settings = {"precision": "bf16" if uses_bf16(cfg) else "fp32"}
+            refs, _ = cached_reference_logps(
+                reference, tokenizer, {"eval": evals}, cache=ReferenceCache(cache_dir / "reference"),
+                settings=settings, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                layout=cfg.layout, pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
+                autocast=accelerator.autocast,
+            )  # fmt: skip
+            ref_eval = refs["eval"]
+
+    # 3. outputs: only now is the output directory created or (with --overwrite) emptied
+    run.prepare(overwrite=cfg.overwrite)
+    if not cfg.resume:
+        save_yaml(cfg, run.path / "config.yaml")
+    resume_step = read_state(run.last_checkpoint())["online_state"]["step"] if cfg.resume else None
+    tracker = Tracker(run.path, report_to=cfg.report_to, project=cfg.wandb_project,
+                      run_name=cfg.run_name or run.path.name, config=cfg.to_dict(),
+                      resume_step=resume_step)  # fmt: skip
+    try:
+        state, eval_metrics = fit_online(policy, reference, prompts, rewards, evals, ref_eval,
+                                         tokenizer=tokenizer, cfg=cfg, accelerator=accelerator,
+                                         run=run, tracker=tracker)  # fmt: skip
+        model = accelerator.unwrap_model(policy).model
+        _save_final(model, tokenizer, run)
+        summary: dict[str, Any] = {
+            "loss": cfg.loss, "beta": cfg.beta, "online": True, "rounds": state.round,
+            "steps": state.step, "judge_calls": state.judge_calls, "train_pairs": state.pairs,
+            "pairs_seen": state.pairs_seen,
+            "initial": _first_eval(run), "final": eval_metrics,
+            "runtime_s": round(time.time() - started, 1),
+            "train_runtime_s": round(state.train_seconds, 3),
+        }  # fmt: skip
+        if cfg.dataset is None:
+            summary["builtin"] = _builtin_report(model, model_path, tokenizer, assets, cfg)
+        tracker.summary({**eval_metrics, **summary.get("builtin", {}),
+                         "online/judge_calls": state.judge_calls})  # fmt: skip
+        run.write_json("summary.json", summary)
+        return summary
+    finally:
+        tracker.close()
