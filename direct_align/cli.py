@@ -125,14 +125,14 @@ def ppo(**values: Any) -> None:
 @click.option("--seed", default=42, type=int, show_default=True, help="Seed of every run.")
 @click.option("--cache-dir", default=None, metavar="DIR", help="Cache of the built-in task.")
 @click.option("--only", multiple=True, metavar="METHOD",
-              type=click.Choice(["dpo", "ipo", "orpo", "simpo", "ppo"]),
+              type=click.Choice(["dpo", "ipo", "orpo", "simpo", "ppo", "online-dpo"]),
               help="Run only this method (repeatable).")  # fmt: skip
 def compare(quick: bool, output_dir: str | None, overwrite: bool, seed: int,
             cache_dir: str | None, only: tuple[str, ...]) -> None:  # fmt: skip
-    """Compare PPO (SFT → reward model → PPO) with DPO, IPO, ORPO and SimPO on the built-in task.
+    """Compare PPO (SFT → reward model → PPO) with DPO, IPO, ORPO, SimPO and online DPO.
 
-    Every method starts from the same base model and preference pairs and runs at a few
-    strengths, each stage in its own process; it records the hidden true reward and KL of
+    On the built-in task, every method starts from the same base model and preference pairs
+    (online DPO and PPO through a reward model trained on them) and runs at a few strengths, each stage in its own process; it records the hidden true reward and KL of
     samples, wall time per stage, peak memory, models in memory and tokens generated, and
     writes comparison.json and plots. The full comparison takes about 20 minutes on 2 CPU cores.
     """

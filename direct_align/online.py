@@ -63,6 +63,7 @@ class OnlineState:
     pairs: int = 0  # pairs made from judged samples
     pairs_seen: int = 0  # pairs trained on, counted once per epoch
     judge_calls: int = 0  # responses scored
+    tokens_generated: int = 0  # response tokens sampled
     train_seconds: float = 0.0
 
 
@@ -215,6 +216,7 @@ def fit_online(
             except JudgeError as e:
                 raise _judge_failed(e, state, saved_round, checkpoint, run) from None
             state.judge_calls += len(responses)
+            state.tokens_generated += sum(map(len, responses))
             # 4-5. pairs, and their reference log-probs
             triples = make_pairs(scores.view(len(texts), k), cfg.pair_margin)
             data = pairs_from_samples(prompt_ids, responses, k, triples, max_length=cfg.max_length,

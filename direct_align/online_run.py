@@ -23,7 +23,7 @@ from direct_align.models.logprobs import PreferenceModel
 from direct_align.online import fit_online, load_prompts
 from direct_align.outputs import RunDir, read_state
 from direct_align.reference import ReferenceCache, ReferenceLogps, cached_reference_logps
-from direct_align.rewards import load_rewards
+from direct_align.rewards import RewardModelJudge, load_rewards
 from direct_align.run import (
     _builtin_report,
     _check_resume_config,
@@ -34,13 +34,14 @@ from direct_align.run import (
     resolve_inputs,
 )
 from direct_align.tracking import Tracker
+from direct_align.trainer import resident_mb
 
 log = logging.getLogger(__name__)
 
 
 def run_online(cfg: TrainConfig) -> dict[str, Any]:
     """Train online as configured; returns the summary (also written to ``summary.json``)."""
-    started = time.time()
+    started, rss_at_start = time.time(), resident_mb()  # the runtime before any model
     run = RunDir(cfg.output_dir)
     run.check(resume=cfg.resume, overwrite=cfg.overwrite)
     if cfg.resume:
@@ -101,7 +102,11 @@ def run_online(cfg: TrainConfig) -> dict[str, Any]:
         summary: dict[str, Any] = {
             "loss": cfg.loss, "beta": cfg.beta, "online": True, "rounds": state.round,
             "steps": state.step, "judge_calls": state.judge_calls, "train_pairs": state.pairs,
-            "pairs_seen": state.pairs_seen,
+            "pairs_seen": state.pairs_seen, "tokens_generated": state.tokens_generated,
+            # policy, the reference for fresh pairs (if the loss uses one), reward-model judges
+            "models_in_memory": 1 + (reference is not None)
+            + sum(isinstance(j.judge, RewardModelJudge) for j in rewards.judges),
+            "rss_at_start_mb": rss_at_start,
             "initial": _first_eval(run), "final": eval_metrics,
             "runtime_s": round(time.time() - started, 1),
             "train_runtime_s": round(state.train_seconds, 3),

@@ -18,16 +18,18 @@ from direct_align.compare.report import markdown_table
 def test_plan_runs_every_method_and_ppo_shares_one_reward_model() -> None:
     for quick, per_method in ((True, 1), (False, 3)):
         shared_rm, methods = plan(quick, seed=7)
-        counts = {m: sum(x.method == m for x in methods) for m in ("dpo", "ipo", "orpo", "simpo", "ppo")}
-        assert min(counts.values()) == per_method
+        names = ("dpo", "ipo", "orpo", "simpo", "ppo", "online-dpo")
+        counts = {m: sum(x.method == m for x in methods) for m in names}
+        assert min(counts.values()) == (1 if quick else 2) and counts["dpo"] >= per_method
         assert len({m.name for m in methods}) == len(methods)  # run names are unique
         for m in methods:
-            assert [s.name for s in m.stages] == (["reward_model", "ppo"] if m.method == "ppo"
+            second = {"ppo": "ppo", "online-dpo": "online"}.get(m.method)
+            assert [s.name for s in m.stages] == (["reward_model", second] if second
                                                   else ["train"])  # fmt: skip
-            if m.method == "ppo":
+            if second:
                 assert m.stages[0] is shared_rm
             assert all("--seed" in s.args and "7" in s.args for s in m.stages)
-            assert ("--max-steps" in m.stages[-1].args) == (quick and m.method != "ppo")
+            assert ("--max-steps" in m.stages[-1].args) == (quick and second is None)
 
 
 def test_compare_refuses_a_non_empty_output_dir_and_keeps_it(tmp_path, capsys) -> None:
@@ -55,7 +57,7 @@ def test_quick_comparison_measures_every_method_and_ppo_learns(default_run, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((out / "comparison.json").read_text())
     rows = {r["method"]: r for r in table["rows"]}
-    assert set(rows) == {"dpo", "ipo", "orpo", "simpo", "ppo"}
+    assert set(rows) == {"dpo", "ipo", "orpo", "simpo", "ppo", "online-dpo"}
     reference = rows["ppo"]["reference_true_reward"]
     assert rows["ppo"]["true_reward"] > reference + 0.15
     for r in rows.values():
@@ -64,8 +66,11 @@ def test_quick_comparison_measures_every_method_and_ppo_learns(default_run, tmp_
         assert r["peak_rss_mb"] > r["peak_above_start_mb"] > 0
         assert r["total_wall_s"] == pytest.approx(sum(r["wall_s"].values()), abs=0.2)
     assert rows["ppo"]["models_in_memory"] == 4 and rows["dpo"]["models_in_memory"] == 1
+    assert rows["online-dpo"]["models_in_memory"] == 3  # policy, reference, reward-model judge
     assert set(rows["ppo"]["wall_s"]) == {"reward_model", "ppo"}
+    assert rows["online-dpo"]["wall_s"]["reward_model"] == rows["ppo"]["wall_s"]["reward_model"]
     assert rows["ppo"]["tokens_generated"] > 0 == rows["dpo"]["tokens_generated"]
+    assert rows["online-dpo"]["tokens_generated"] > 0
     for name in ("frontier.png", "reward_vs_time.png", "memory.png"):
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

@@ -84,8 +84,9 @@ def run_compare(output_dir: str, *, quick: bool, seed: int, overwrite: bool,
                 results.append(rm_result)
                 continue
             extra = ()
-            if stage.name == "ppo":
-                extra = ("--reward-model", str(Path(rm_result.output_dir) / "final"))
+            if stage.name in ("ppo", "online"):  # both learn from the shared reward model
+                flag = "--reward-model" if stage.name == "ppo" else "--reward"
+                extra = (flag, str(Path(rm_result.output_dir) / "final"))
             cache = run_cache(caches, method.name, cache_root / "builtin")
             results.append(run_stage(stage, runs / method.name, cache, extra))
         rows.append(_row(method, results))
