@@ -63,12 +63,14 @@ def test_quick_comparison_measures_every_method_and_ppo_learns(default_run, tmp_
     for r in rows.values():
         assert r["reference_true_reward"] == reference  # one evaluation protocol for all
         assert r["true_reward"] > reference and r["kl"] > 0
-        assert r["peak_rss_mb"] > r["peak_above_start_mb"] > 0
+        assert set(r["peak_rss_mb"]) == set(r["wall_s"]) == set(r["peak_above_start_mb"])
+        assert all(r["peak_rss_mb"][s] > r["peak_above_start_mb"][s] > 0 for s in r["wall_s"])
         assert r["total_wall_s"] == pytest.approx(sum(r["wall_s"].values()), abs=0.2)
     assert rows["ppo"]["models_in_memory"] == 4 and rows["dpo"]["models_in_memory"] == 1
     assert rows["online-dpo"]["models_in_memory"] == 3  # policy, reference, reward-model judge
     assert set(rows["ppo"]["wall_s"]) == {"reward_model", "ppo"}
     assert rows["online-dpo"]["wall_s"]["reward_model"] == rows["ppo"]["wall_s"]["reward_model"]
+    assert table["reward_model"]["wall_s"] == rows["ppo"]["wall_s"]["reward_model"]
     assert rows["ppo"]["tokens_generated"] > 0 == rows["dpo"]["tokens_generated"]
     assert rows["online-dpo"]["tokens_generated"] > 0
     for name in ("frontier.png", "reward_vs_time.png", "memory.png"):

@@ -48,7 +48,8 @@ def _scatter(ax: plt.Axes, rows: list[dict[str, Any]], x: str) -> None:
     ax.legend(fontsize=8, loc="upper left")
 
 
-def write_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+def write_plots(rows: list[dict[str, Any]], reward_model: dict[str, Any] | None,
+                out: Path) -> list[Path]:  # fmt: skip
     """Write ``frontier.png``, ``reward_vs_time.png`` and ``memory.png`` into ``out``."""
     paths = []
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -64,23 +65,27 @@ def write_plots(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     ax.set_title("True reward against training time (up and left is better)")
     paths.append(_save(fig, out / "reward_vs_time.png"))
 
-    fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(rows)), 5))
-    colors = [STYLE.get(r["method"], ("black", "x"))[0] for r in rows]
-    above = [r["peak_above_start_mb"] for r in rows]
-    base = [r["peak_rss_mb"] - a for r, a in zip(rows, above)]
-    ax.bar(range(len(rows)), base, color="lightgray", label="process at start (Python, torch)")
-    bars = ax.bar(range(len(rows)), above, bottom=base, color=colors,
-                  label="added by models, data and training")  # fmt: skip
-    for bar, r in zip(bars, rows):
-        models = r["models_in_memory"]
-        ax.annotate(f"{models} model{'s' if models > 1 else ''}\n+{r['peak_above_start_mb']:.0f} MB",
-                    (bar.get_x() + bar.get_width() / 2, r["peak_rss_mb"]),
+    bars = [(f"{r['method']}\n{_label(r)}", list(r["peak_rss_mb"].values())[-1],
+             list(r["peak_above_start_mb"].values())[-1], r["models_in_memory"],
+             STYLE.get(r["method"], ("black", "x"))[0]) for r in rows]  # fmt: skip
+    if reward_model is not None:
+        bars.append(("reward model\n(shared stage)", reward_model["peak_rss_mb"],
+                     reward_model["peak_above_start_mb"], 1, "tab:gray"))  # fmt: skip
+    fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(bars)), 5))
+    x = range(len(bars))
+    base = [peak - above for _, peak, above, _, _ in bars]
+    ax.bar(x, base, color="lightgray", label="process at start (Python, torch, libraries)")
+    ax.bar(x, [b[2] for b in bars], bottom=base, color=[b[4] for b in bars],
+           label="added by models, data and training")  # fmt: skip
+    for i, (_, peak, above, models, _) in enumerate(bars):
+        ax.annotate(f"{models} model{'s' if models > 1 else ''}\n+{above:.0f}", (i, peak),
                     ha="center", va="bottom", fontsize=7)  # fmt: skip
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_xticks(range(len(rows)), [f"{r['method']}\n{_label(r)}" for r in rows], fontsize=7)
-    ax.set_ylabel("peak resident memory of the largest stage, MB")
-    ax.set_ylim(0, 1.35 * max(r["peak_rss_mb"] for r in rows))
-    ax.set_title("Peak memory per run (labels: models held in memory while training)")
+    ax.set_xticks(list(x), [b[0].replace("\n", " ") for b in bars], fontsize=7, rotation=40,
+                  ha="right", rotation_mode="anchor")  # fmt: skip
+    ax.set_ylabel("peak resident memory of the training process, MB")
+    ax.set_ylim(0, 1.35 * max(b[1] for b in bars))
+    ax.set_title("Peak memory of each run's training (labels: models held, MB added)")
     ax.grid(axis="y", alpha=0.3)
     paths.append(_save(fig, out / "memory.png"))
     return paths

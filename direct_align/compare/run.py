@@ -43,11 +43,11 @@ def _row(method: Method, results: list[StageResult]) -> dict[str, Any]:
         "response_tokens": builtin["policy/response_tokens"],
         "wall_s": {r.stage: r.wall_s for r in results},
         "total_wall_s": round(sum(r.wall_s for r in results), 1),
-        "peak_rss_mb": max(r.peak_rss_mb for r in results),
-        # what the models, data and training added to the process (its runtime and imports
-        # excluded): the stage whose peak rose most above its resident memory at the start
-        "peak_above_start_mb": max(_above_start(r) for r in results),
-        "models_in_memory": max(r.summary.get("models_in_memory", 1) for r in results),
+        # per stage: the process's peak, and what models, data and training added to it (the
+        # runtime and imports excluded); the last stage is the method's own training
+        "peak_rss_mb": {r.stage: r.peak_rss_mb for r in results},
+        "peak_above_start_mb": {r.stage: _above_start(r) for r in results},
+        "models_in_memory": final.get("models_in_memory", 1),
         "tokens_generated": final.get("tokens_generated", 0),
         "commands": [r.command for r in results],
     }  # fmt: skip
@@ -92,10 +92,14 @@ def run_compare(output_dir: str, *, quick: bool, seed: int, overwrite: bool,
         rows.append(_row(method, results))
         r = rows[-1]
         log.info("compare: %s true reward %.3f, KL %.2f, %.0f s, peak %.0f MB", method.name,
-                 r["true_reward"], r["kl"], r["total_wall_s"], r["peak_rss_mb"])  # fmt: skip
+                 r["true_reward"], r["kl"], r["total_wall_s"], r["peak_rss_mb"][method.stages[-1].name])  # fmt: skip
 
     result = {
         "quick": quick, "seed": seed, "rows": rows,
+        "reward_model": None if rm_result is None else {
+            "wall_s": rm_result.wall_s, "peak_rss_mb": rm_result.peak_rss_mb,
+            "peak_above_start_mb": _above_start(rm_result), "command": rm_result.command,
+            "eval": rm_result.summary["final"], "hidden_reward": rm_result.summary.get("builtin")},
         "sft": {"stage": "built-in base model (shared by every method)",
                 "wall_s": sft_s if sft_s > 5 else "cached"},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
@@ -106,6 +110,6 @@ def run_compare(output_dir: str, *, quick: bool, seed: int, overwrite: bool,
     run.write_json("comparison.json", result)
     from direct_align.compare.plots import write_plots  # matplotlib only when plotting
 
-    result["plots"] = [str(p) for p in write_plots(rows, run.path)]
+    result["plots"] = [str(p) for p in write_plots(rows, result["reward_model"], run.path)]
     run.write_json("comparison.json", result)
     return result
