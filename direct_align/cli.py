@@ -127,8 +127,10 @@ def ppo(**values: Any) -> None:
 @click.option("--only", multiple=True, metavar="METHOD",
               type=click.Choice(["dpo", "ipo", "orpo", "simpo", "ppo", "online-dpo"]),
               help="Run only this method (repeatable).")  # fmt: skip
+@click.option("--plots-only", is_flag=True,
+              help="Redraw the plots and table of --output-dir from its comparison.json.")
 def compare(quick: bool, output_dir: str | None, overwrite: bool, seed: int,
-            cache_dir: str | None, only: tuple[str, ...]) -> None:  # fmt: skip
+            cache_dir: str | None, only: tuple[str, ...], plots_only: bool) -> None:  # fmt: skip
     """Compare PPO (SFT → reward model → PPO) with DPO, IPO, ORPO, SimPO and online DPO.
 
     On the built-in task, every method starts from the same base model and preference pairs
@@ -139,11 +141,16 @@ def compare(quick: bool, output_dir: str | None, overwrite: bool, seed: int,
     import time
 
     from direct_align.compare.report import markdown_table
-    from direct_align.compare.run import run_compare
+    from direct_align.compare.run import replot, run_compare
 
-    output_dir = output_dir or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = run_compare(output_dir, quick=quick, seed=seed, overwrite=overwrite,
-                         cache_dir=cache_dir, only=only)  # fmt: skip
+    if plots_only:
+        if output_dir is None:
+            raise click.UsageError("--plots-only needs the --output-dir of a comparison")
+        result = replot(output_dir)
+    else:
+        output_dir = output_dir or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
+        result = run_compare(output_dir, quick=quick, seed=seed, overwrite=overwrite,
+                             cache_dir=cache_dir, only=only)  # fmt: skip
     click.echo("\n" + markdown_table(result))
     click.echo(f"table and plots: {output_dir}/comparison.json, " + ", ".join(result["plots"]))
 

@@ -7,6 +7,7 @@ directories of every stage under ``OUTPUT_DIR/runs``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -19,6 +20,7 @@ import torch
 from direct_align.builtin.build import BuiltinSpec, default_cache_dir, ensure_builtin
 from direct_align.compare.execute import StageResult, run_cache, run_stage
 from direct_align.compare.plan import Method, plan
+from direct_align.errors import ConfigError
 from direct_align.outputs import RunDir
 from direct_align.rm.run import check_output_dir
 
@@ -51,6 +53,19 @@ def _row(method: Method, results: list[StageResult]) -> dict[str, Any]:
         "tokens_generated": final.get("tokens_generated", 0),
         "commands": [r.command for r in results],
     }  # fmt: skip
+
+
+def replot(output_dir: str) -> dict[str, Any]:
+    """Redraw the plots of a finished comparison from its ``comparison.json``."""
+    from direct_align.compare.plots import write_plots
+
+    path = Path(output_dir) / "comparison.json"
+    if not path.is_file():
+        raise ConfigError(f"--plots-only: no comparison.json in '{output_dir}'")
+    result = json.loads(path.read_text())
+    result["plots"] = [str(p) for p in write_plots(result["rows"], result.get("reward_model"),
+                                                     Path(output_dir))]  # fmt: skip
+    return result
 
 
 def run_compare(output_dir: str, *, quick: bool, seed: int, overwrite: bool,
