@@ -98,6 +98,8 @@ def test_saved_adapter_and_merged_model_give_the_policys_logps(tiny_model_dir: P
         assert_same(score(plain(model.eval()), layout="padded"), expected)
     # merging left the policy as it was
     assert_same(score(policy), expected, atol=0)
+    with pytest.raises(ConfigError, match="is a LoRA adapter, not a whole model"):
+        load_causal_lm(str(tmp_path / "adapter"))  # as --model: refused with a way out
 
 
 def test_gradients_reach_only_the_adapters_with_and_without_checkpointing(tiny_model_dir: Path) -> None:
