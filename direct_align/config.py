@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ ATTENTION = ("auto", "segments", "flash", "varlen", "sdpa", "eager")
 SEGMENT_ATTENTION = ("segments", "flash", "varlen")  # read the row's segments: packed layouts only
 LAYOUTS = ("shared", "packed", "padded")
 REPORT_TO = ("none", "jsonl", "wandb")
+LORA_SAVE = ("adapter", "merged")
 
 
 def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -56,6 +58,18 @@ class TrainConfig:
     max_tokens_per_batch: int | None = _f(None, "Fill each micro-batch up to this many tokens "
                                                 "(length-bucketed) instead of --batch-size pairs.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    # --- LoRA (peft; see docs/lora.md) ---------------------------------------------------------
+    lora_r: int | None = _f(None, "Train LoRA adapters of this rank instead of every weight; the "
+                                  "reference is then the base model (adapters off), with no "
+                                  "second copy (default: off, full fine-tuning).")  # fmt: skip
+    lora_alpha: float | None = _f(None, "LoRA scale numerator: adapters add (alpha / r)·BA "
+                                        "(default: 2 × --lora-r).")  # fmt: skip
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA branch's input.")
+    lora_targets: str | None = _f(None, "Comma-separated module names that get adapters, e.g. "
+                                        "q_proj,v_proj (default: all-linear, every linear layer "
+                                        "of the decoder).")  # fmt: skip
+    lora_save: str = _f("adapter", "final/ holds the adapter (load with peft) or the merged full "
+                                   "model.", LORA_SAVE)  # fmt: skip
     # --- data --------------------------------------------------------------------------------
     dataset: str | None = _f(None, "Preference data: .jsonl/.json/.parquet/.csv, a save_to_disk "
                                    "directory or a hub name (default: built-in).")  # fmt: skip
@@ -229,6 +243,8 @@ def resolve(cli: dict[str, Any], config_file: str | None = None) -> TrainConfig:
     cfg = TrainConfig(**values)
     if cfg.beta is None:
         cfg.beta = LOSSES[cfg.loss].default_beta
+    if cfg.lora_r is not None and cfg.lora_alpha is None:
+        cfg.lora_alpha = 2.0 * cfg.lora_r
     if cfg.output_dir is None:
         if cfg.resume:
             raise ConfigError("--resume needs the --output-dir of the run to continue")
@@ -268,6 +284,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.eval_prompts >= 1, "--eval-prompts must be at least 1"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
         *online_checks(cfg),
+        *lora_checks(cfg),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -310,6 +327,27 @@ def online_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
              "--online with --dataset needs a judge: --reward SPEC (see --help)"),
         ]  # fmt: skip
     return checks
+
+
+def lora_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """(ok, message) pairs for the LoRA settings: they need --lora-r, and peft installed."""
+    if cfg.lora_r is None:
+        given = [flag for flag, changed in (
+            ("--lora-alpha", cfg.lora_alpha is not None), ("--lora-dropout", cfg.lora_dropout != 0),
+            ("--lora-targets", cfg.lora_targets is not None),
+            ("--lora-save", cfg.lora_save != "adapter"))
+            if changed]  # fmt: skip
+        return [(not given, f"{', '.join(given)} needs --lora-r (LoRA is off without it)")]
+    targets = [t.strip() for t in (cfg.lora_targets or "all-linear").split(",")]
+    return [
+        (cfg.lora_r >= 1, f"--lora-r must be at least 1, got {cfg.lora_r}"),
+        (cfg.lora_alpha is not None and cfg.lora_alpha > 0, "--lora-alpha must be > 0"),
+        (0 <= cfg.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+        (all(targets), "--lora-targets must be module names separated by commas, e.g. "
+                       "q_proj,v_proj"),
+        (importlib.util.find_spec("peft") is not None,
+         "--lora-r needs peft: pip install 'direct-align[lora]'"),
+    ]  # fmt: skip
 
 
 def uses_bf16(cfg: TrainConfig) -> bool:

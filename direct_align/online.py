@@ -10,8 +10,9 @@ round of :func:`fit_online`:
    prompt, where a *judge call* is one response scored;
 4. pairs the best response of each prompt against its worst, or with ``pair_margin`` every two
    whose rewards differ by more than it; a prompt whose responses all tie gives no pair;
-5. computes the reference log-probs of the fresh pairs with the reference model held in memory
-   (none for reference-free losses such as SimPO and ORPO);
+5. computes the reference log-probs of the fresh pairs with the reference model held in memory,
+   or with LoRA the policy with its adapters off (none for reference-free losses such as SimPO
+   and ORPO);
 6. trains ``epochs`` passes over the round's pairs, in optimizer steps of ``batch_size ×
    grad_accum`` pairs (:func:`direct_align.trainer.optimizer_step`, as offline training).
 
@@ -38,6 +39,7 @@ from direct_align.data.tokenize import _left_truncate
 from direct_align.errors import DataError
 from direct_align.evaluate import encode_prompts, sample
 from direct_align.models.logprobs import PreferenceModel
+from direct_align.models.lora import AdaptersOff
 from direct_align.outputs import RunDir, read_state
 from direct_align.progress import progress
 from direct_align.reference import ReferenceLogps, score_pairs
@@ -143,7 +145,7 @@ def steps_per_round(cfg: TrainConfig) -> int:
 
 def fit_online(
     model: PreferenceModel,
-    reference: PreferenceModel | None,
+    reference: PreferenceModel | AdaptersOff | None,
     prompts: list[str],
     rewards: Rewards,
     evals: PairDataset | None,

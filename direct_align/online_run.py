@@ -2,9 +2,10 @@
 
 As for offline training, every input (output directory rules, model, tokenizer, prompts, judges,
 eval pairs and their reference log-probs) is loaded and checked before the output directory is
-created or emptied. The reference model stays in memory: fresh samples need reference log-probs
-every round. (Reference log-probs from the policy with LoRA adapters disabled would save that
-copy; LoRA is not in the package yet.)
+created or emptied. The reference stays available: fresh samples need reference log-probs every
+round. With LoRA (``--lora-r``) and no ``--ref-model`` the reference is the policy itself with its
+adapters disabled, so no second copy of the weights is loaded; otherwise a reference model is held
+in memory.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from direct_align.config import TrainConfig, save_yaml, uses_bf16, uses_referenc
 from direct_align.data import PairDataset
 from direct_align.models.loading import load_causal_lm, load_tokenizer
 from direct_align.models.logprobs import PreferenceModel
+from direct_align.models.lora import AdaptersOff
 from direct_align.online import fit_online, load_prompts
 from direct_align.outputs import RunDir, read_state
 from direct_align.reference import ReferenceCache, ReferenceLogps, cached_reference_logps
@@ -30,6 +32,7 @@ from direct_align.run import (
     _first_eval,
     _prepare,
     _save_final,
+    load_policy,
     preference_model,
     resolve_inputs,
 )
@@ -63,27 +66,28 @@ def run_online(cfg: TrainConfig) -> dict[str, Any]:
     elif cfg.dataset is None:
         evals = _prepare(str(assets.eval_file), tokenizer, cfg, "train").pairs
 
-    # 2. models: the policy, and the reference held in memory for the fresh samples
+    # 2. models: the policy, and the reference for the fresh samples: the policy with its LoRA
+    # adapters off, or a second model held in memory
     set_seed(cfg.seed)
-    policy = preference_model(load_causal_lm(model_path), cfg, accelerator.device)
-    if cfg.gradient_checkpointing:
-        policy.model.gradient_checkpointing_enable()
-    reference: PreferenceModel | None = None
+    policy = load_policy(model_path, cfg, accelerator.device)
+    reference: PreferenceModel | AdaptersOff | None = None
     ref_eval: ReferenceLogps | None = None
-    if uses_reference(cfg):
+    if uses_reference(cfg) and cfg.lora_r is not None and not cfg.ref_model:
+        reference = AdaptersOff(policy.to(accelerator.device))
+    elif uses_reference(cfg):
         ref_lm = load_causal_lm(cfg.ref_model or model_path,
                                 option="--ref-model" if cfg.ref_model else "--model")  # fmt: skip
         reference = preference_model(ref_lm.requires_grad_(False), cfg, accelerator.device)
         reference.to(accelerator.device).eval()
-        if evals is not None:
-            settings = {"precision": "bf16" if uses_bf16(cfg) else "fp32"}
-            refs, _ = cached_reference_logps(
-                reference, tokenizer, {"eval": evals}, cache=ReferenceCache(cache_dir / "reference"),
-                settings=settings, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-                layout=cfg.layout, pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
-                autocast=accelerator.autocast,
-            )  # fmt: skip
-            ref_eval = refs["eval"]
+    if reference is not None and evals is not None:
+        settings = {"precision": "bf16" if uses_bf16(cfg) else "fp32"}
+        refs, _ = cached_reference_logps(
+            reference, tokenizer, {"eval": evals}, cache=ReferenceCache(cache_dir / "reference"),
+            settings=settings, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+            layout=cfg.layout, pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
+            autocast=accelerator.autocast,
+        )  # fmt: skip
+        ref_eval = refs["eval"]
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
     run.prepare(overwrite=cfg.overwrite)
@@ -98,13 +102,14 @@ def run_online(cfg: TrainConfig) -> dict[str, Any]:
                                          tokenizer=tokenizer, cfg=cfg, accelerator=accelerator,
                                          run=run, tracker=tracker)  # fmt: skip
         model = accelerator.unwrap_model(policy).model
-        _save_final(model, tokenizer, run)
+        _save_final(model, tokenizer, run, cfg.lora_save)
         summary: dict[str, Any] = {
             "loss": cfg.loss, "beta": cfg.beta, "online": True, "rounds": state.round,
             "steps": state.step, "judge_calls": state.judge_calls, "train_pairs": state.pairs,
             "pairs_seen": state.pairs_seen, "tokens_generated": state.tokens_generated,
-            # policy, the reference for fresh pairs (if the loss uses one), reward-model judges
-            "models_in_memory": 1 + (reference is not None)
+            # policy, a reference model for fresh pairs (not with LoRA: the policy with its
+            # adapters off), reward-model judges
+            "models_in_memory": 1 + isinstance(reference, PreferenceModel)
             + sum(isinstance(j.judge, RewardModelJudge) for j in rewards.judges),
             "rss_at_start_mb": rss_at_start,
             "initial": _first_eval(run), "final": eval_metrics,

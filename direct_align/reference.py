@@ -28,6 +28,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from direct_align.data import PairDataset
 from direct_align.data.packing import build_batch
 from direct_align.models.logprobs import PreferenceModel
+from direct_align.models.lora import base_state_dict
 from direct_align.progress import progress
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,13 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     """xxh3-128 over the architecture and every parameter and buffer: names, dtypes, shapes, bytes.
 
     The directory the model was loaded from is left out: the same weights moved or copied keep
-    their fingerprint.
+    their fingerprint. A LoRA model is fingerprinted by its base weights, what it computes with
+    its adapters disabled, so its reference cache is the base model's.
     """
     h = xxhash.xxh3_128()
     config = {k: v for k, v in model.config.to_dict().items() if k not in _LOCATION_KEYS}
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(base_state_dict(model).items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

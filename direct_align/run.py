@@ -29,6 +29,13 @@ from direct_align.errors import ConfigError, DataError
 from direct_align.evaluate import generation_report
 from direct_align.models.loading import load_causal_lm, load_tokenizer
 from direct_align.models.logprobs import PreferenceModel
+from direct_align.models.lora import (
+    ALL_LINEAR,
+    adapters_disabled,
+    apply_lora,
+    save_final,
+    trainable_summary,
+)
 from direct_align.models.varlen import choose_attention, use_varlen_attention
 from direct_align.outputs import RunDir, read_state
 from direct_align.reference import ReferenceCache, cached_reference_logps
@@ -82,6 +89,23 @@ def preference_model(model: Any, cfg: TrainConfig,
     return PreferenceModel(model, chunked=cfg.chunked_logprobs, attention="segments")
 
 
+def load_policy(model_path: str, cfg: TrainConfig, device: torch.device) -> PreferenceModel:
+    """The policy to train: the model at ``model_path``, with LoRA adapters when ``--lora-r``
+    is set, wrapped for the configured attention and log-probs, with gradient checkpointing
+    when asked."""
+    model = load_causal_lm(model_path)
+    if cfg.lora_r is not None:
+        model = apply_lora(model, cfg)
+        log.info("LoRA r=%d alpha=%g on %s: %s", cfg.lora_r, cfg.lora_alpha,
+                 cfg.lora_targets or ALL_LINEAR, trainable_summary(model))  # fmt: skip
+    policy = preference_model(model, cfg, device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if cfg.lora_r is not None:  # frozen embeddings: recomputed blocks need an input that
+            model.enable_input_require_grads()  # requires grad to pass gradients to adapters
+    return policy
+
+
 def resolve_inputs(cfg: Any) -> tuple[Path, str, str, BuiltinAssets | None]:
     """(cache dir, model path, training data source, built-in assets or None) of a run whose
     ``cfg`` has ``cache_dir``, ``model``, ``dataset`` and ``label_noise``; the built-in task
@@ -130,24 +154,23 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
     bf16 = uses_bf16(cfg)
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
     set_seed(cfg.seed)
-    policy = preference_model(load_causal_lm(model_path), cfg, accelerator.device)
-    if cfg.gradient_checkpointing:
-        policy.model.gradient_checkpointing_enable()
+    policy = load_policy(model_path, cfg, accelerator.device)
     refs, ref_status = {}, {}
     if uses_reference(cfg):
-        reference = policy
+        reference = policy  # the initial policy; with LoRA, the base (adapters off below)
         if cfg.ref_model:
             ref_lm = load_causal_lm(cfg.ref_model, option="--ref-model")
             reference = preference_model(ref_lm, cfg, accelerator.device)
         reference.to(accelerator.device)
         settings = {"precision": "bf16" if bf16 else "fp32"}
-        refs, ref_status = cached_reference_logps(
-            reference, tokenizer, {"train": train, "eval": evals},
-            cache=ReferenceCache(cache_dir / "reference"), settings=settings,
-            batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, layout=cfg.layout,
-            pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
-            autocast=accelerator.autocast,
-        )  # fmt: skip
+        with adapters_disabled(reference):
+            refs, ref_status = cached_reference_logps(
+                reference, tokenizer, {"train": train, "eval": evals},
+                cache=ReferenceCache(cache_dir / "reference"), settings=settings,
+                batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, layout=cfg.layout,
+                pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
+                autocast=accelerator.autocast,
+            )  # fmt: skip
         del reference
         gc.collect()
         if torch.cuda.is_available():
@@ -170,7 +193,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
         if not finished:
             return None
         model = accelerator.unwrap_model(policy).model
-        _save_final(model, tokenizer, run)
+        _save_final(model, tokenizer, run, cfg.lora_save)
         initial = _first_eval(run)  # step 0, also when logged before a resume
         summary: dict[str, Any] = {
             "loss": cfg.loss, "beta": cfg.beta, "steps": state.step,
@@ -203,11 +226,11 @@ def _first_eval(run: RunDir) -> dict[str, float]:
     return {}
 
 
-def _save_final(model: Any, tokenizer: Any, run: RunDir) -> None:
+def _save_final(model: Any, tokenizer: Any, run: RunDir, how: str = "adapter") -> None:
+    """``final/``, written whole or not at all; ``how``: a LoRA policy's adapter or merged model."""
     tmp = run.final.with_name("final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    save_final(model, tokenizer, tmp, how)
     os.replace(tmp, run.final)
     log.info("saved %s", run.final)
 

@@ -130,9 +130,10 @@ def eval_metrics_of(model: PreferenceModel, evals: PairDataset, ref: ReferenceLo
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
                    total: int) -> tuple[torch.optim.Optimizer, Any]:  # fmt: skip
-    """AdamW and the configured warmup-then-decay schedule over ``total`` optimizer steps."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)  # fmt: skip
+    """AdamW over the trainable parameters (with LoRA: the adapters only) and the configured
+    warmup-then-decay schedule over ``total`` optimizer steps."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = round(cfg.warmup_ratio * total)
     kwargs = {} if cfg.lr_scheduler == "constant" else {"num_training_steps": total}
     return optimizer, SCHEDULES[cfg.lr_scheduler](optimizer, num_warmup_steps=warmup, **kwargs)

@@ -21,6 +21,9 @@ def check_model_path(name: str, option: str = "--model") -> None:
     """Fail early for a model path that does not exist (hub names are checked when loading)."""
     path = Path(name).expanduser()
     if path.exists():
+        if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+            raise ConfigError(f"{option}: '{name}' is a LoRA adapter, not a whole model; merge "
+                              "it into its base first (or train with --lora-save merged)")  # fmt: skip
         if not (path / "config.json").is_file():
             raise ConfigError(f"{option}: '{name}' is not a Hugging Face model directory "
                               "(no config.json)")  # fmt: skip
