@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from direct_align.config import TrainConfig, _base_type, resolve
+from direct_align.distributed import single_process_only
 from direct_align.errors import ConfigError, DataError, DirectAlignError
 from direct_align.ppo.config import FIELDS as PPO_FIELDS
 from direct_align.ppo.config import PPOConfig, resolve_ppo
@@ -96,6 +97,7 @@ def train_rm(**values: Any) -> None:
     from direct_align.rm.run import run_train_rm
 
     cfg = resolve_rm(values)
+    single_process_only("direct-align train-rm")
     print_rm_summary(run_train_rm(cfg), cfg.output_dir)
 
 
@@ -113,6 +115,7 @@ def ppo(**values: Any) -> None:
     from direct_align.ppo.run import run_ppo
 
     cfg = resolve_ppo(values)
+    single_process_only("direct-align ppo")
     print_ppo_summary(run_ppo(cfg), cfg.output_dir)
 
 
@@ -171,6 +174,7 @@ def label(**values: Any) -> None:
     """
     from direct_align.label import run_label
 
+    single_process_only("direct-align label")
     result = run_label(resolve_command(LabelConfig, values))
     click.echo(f"{result['pairs']} pairs from {result['prompts']} prompts "
                f"({result['judge_calls']} judge calls, mean reward {result['reward/total']:.3f})"
@@ -187,6 +191,7 @@ def select(**values: Any) -> None:
     """
     from direct_align.label import run_select
 
+    single_process_only("direct-align select")
     result = run_select(resolve_command(SelectConfig, values))
     click.echo(f"{result['written']} of {result['candidates']} candidates ranked (mean |margin| "
                f"{result['selected_mean_abs_margin']:.4f} written, {result['mean_abs_margin']:.4f} "
@@ -196,7 +201,10 @@ def select(**values: Any) -> None:
 def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("direct_align").setLevel(logging.INFO)
+    from direct_align.distributed import is_main_rank
+
+    # with several processes, only the main one reports progress
+    logging.getLogger("direct_align").setLevel(logging.INFO if is_main_rank() else logging.WARNING)
     import datasets
     import transformers
 

@@ -55,18 +55,30 @@ class RunDir:
         return max(done, key=lambda d: d.name, default=None)
 
     def save_checkpoint(self, step: int, save: Callable[[Path], None], state: dict[str, Any],
-                        keep: int) -> Path:  # fmt: skip
-        """``save(dir)`` writes the weights and optimizer; the state file marks it complete."""
+                        keep: int, *, main: bool = True,
+                        barrier: Callable[[], None] = lambda: None) -> Path:  # fmt: skip
+        """``save(dir)`` writes the weights and optimizer; the state file marks it complete.
+
+        With several processes every one calls this (``save`` writes each one's part); only
+        the ``main`` one prepares, completes and renames the directory, between ``barrier``s.
+        """
         final = self.checkpoints / f"step-{step:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
         save(tmp)
+        barrier()
+        if not main:
+            barrier()  # until the main process has completed the checkpoint
+            return final
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         done = sorted(d for d in self.checkpoints.glob("step-*") if (d / STATE_FILE).is_file())
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+        barrier()
         return final
 
     def write_json(self, name: str, obj: Any) -> Path:

@@ -16,10 +16,12 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import xxhash
+from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
@@ -119,6 +121,18 @@ def score_pairs(
     return ReferenceLogps(chosen, rejected)
 
 
+def _sharded(score: Callable[[PairDataset], ReferenceLogps], pairs: PairDataset,
+             accelerator: Accelerator) -> ReferenceLogps:  # fmt: skip
+    """``score`` of this process's share of ``pairs``, summed with the others' into the whole."""
+    mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
+    part = score(pairs.subset(mine))
+    whole = torch.zeros(2, len(pairs), dtype=torch.float32, device=accelerator.device)
+    whole[0, mine] = part.chosen.to(accelerator.device)
+    whole[1, mine] = part.rejected.to(accelerator.device)
+    whole = accelerator.reduce(whole, "sum").cpu()  # the shares are disjoint
+    return ReferenceLogps(whole[0], whole[1])
+
+
 class ReferenceCache:
     """A directory of ``<key>.safetensors`` files, one per (reference, data split)."""
 
@@ -168,11 +182,15 @@ def cached_reference_logps(
     pad_token_id: int,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    accelerator: Accelerator | None = None,
 ) -> tuple[dict[str, ReferenceLogps], dict[str, str]]:
     """Reference sums of each split (e.g. train, eval), from the cache or computed and stored.
 
+    With an ``accelerator`` of several processes, each scores every ``num_processes``-th pair,
+    the sums are gathered into every process, and the main process writes the cache.
     Returns ({split: sums}, {split: "reused <path>" | "computed <path>"}).
     """
+    processes = accelerator.num_processes if accelerator is not None else 1
     model_fp = model_fingerprint(model.model)
     parts = {"model": model_fp, "tokenizer": tokenizer_fingerprint(tokenizer),
              "format_version": FORMAT_VERSION, **settings}  # fmt: skip
@@ -188,10 +206,13 @@ def cached_reference_logps(
             log.info("reference log-probs (%s): scoring %d pairs once", name, len(pairs))
             with progress(total=len(pairs), desc=f"reference ({name})", unit="pair",
                           leave=False) as bar:  # fmt: skip
-                ref = score_pairs(model, pairs, batch_size=batch_size, layout=layout,
-                                  pad_token_id=pad_token_id, device=device, autocast=autocast,
-                                  progress=bar.update)  # fmt: skip
-            path = cache.save(key, ref, {**parts, "split": name, "pairs": str(len(pairs))})
+                score = partial(score_pairs, model, batch_size=batch_size, layout=layout,
+                                pad_token_id=pad_token_id, device=device, autocast=autocast,
+                                progress=bar.update)  # fmt: skip
+                ref = score(pairs) if processes == 1 else _sharded(score, pairs, accelerator)
+            path = cache.path(key)
+            if accelerator is None or accelerator.is_main_process:
+                path = cache.save(key, ref, {**parts, "split": name, "pairs": str(len(pairs))})
             log.info("reference log-probs (%s): cached in %s", name, path)
             status[name] = f"computed {path}"
         results[name] = ref

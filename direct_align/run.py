@@ -18,13 +18,19 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from direct_align.builtin.build import BuiltinAssets, BuiltinSpec, default_cache_dir, ensure_builtin
 from direct_align.builtin.task import true_reward
 from direct_align.config import TrainConfig, save_yaml, uses_bf16, uses_reference
 from direct_align.data import PairDataset, PreparedData, prepare_pairs
+from direct_align.distributed import (
+    NullTracker,
+    check_process_count,
+    make_accelerator,
+    quiet_unless_main,
+    single_process_only,
+)
 from direct_align.errors import ConfigError, DataError
 from direct_align.evaluate import generation_report
 from direct_align.models.loading import load_causal_lm, load_tokenizer
@@ -131,6 +137,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
     if cfg.online:  # sample, judge, learn: direct_align.online
         from direct_align.online_run import run_online
 
+        single_process_only("direct-align train --online")
         return run_online(cfg)
     started, rss_at_start = time.time(), resident_mb()  # the runtime before any model
     run = RunDir(cfg.output_dir)
@@ -152,7 +159,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
 
     # 2. models; the reference scores every pair once, then only the policy stays in memory
     bf16 = uses_bf16(cfg)
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    accelerator = make_accelerator("bf16" if bf16 else "no")
+    check_process_count(cfg.grad_accum, accelerator)
+    quiet_unless_main(accelerator)
+    main = accelerator.is_main_process
     set_seed(cfg.seed)
     policy = load_policy(model_path, cfg, accelerator.device)
     refs, ref_status = {}, {}
@@ -169,28 +179,37 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
                 cache=ReferenceCache(cache_dir / "reference"), settings=settings,
                 batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, layout=cfg.layout,
                 pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
-                autocast=accelerator.autocast,
+                autocast=accelerator.autocast, accelerator=accelerator,
             )  # fmt: skip
         del reference
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    # 3. outputs: only now is the output directory created or (with --overwrite) emptied
-    run.prepare(overwrite=cfg.overwrite)
-    if not cfg.resume:
-        save_yaml(cfg, run.path / "config.yaml")
+    # 3. outputs: only now is the output directory created or (with --overwrite) emptied, by
+    #    the main process alone
+    accelerator.wait_for_everyone()
+    if main:
+        run.prepare(overwrite=cfg.overwrite)
+        if not cfg.resume:
+            save_yaml(cfg, run.path / "config.yaml")
+    accelerator.wait_for_everyone()
     resume_step = None
     if cfg.resume:
         resume_step = read_state(run.last_checkpoint())["train_state"]["step"]
-    tracker = Tracker(run.path, report_to=cfg.report_to, project=cfg.wandb_project,
-                      run_name=cfg.run_name or run.path.name, config=cfg.to_dict(),
-                      resume_step=resume_step)  # fmt: skip
+    tracker = NullTracker()
+    if main:
+        tracker = Tracker(run.path, report_to=cfg.report_to, project=cfg.wandb_project,
+                          run_name=cfg.run_name or run.path.name, config=cfg.to_dict(),
+                          resume_step=resume_step)  # fmt: skip
     try:
         state, eval_metrics, finished = fit(policy, train, evals, refs, cfg=cfg,
                                             accelerator=accelerator, run=run, tracker=tracker,
                                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         if not finished:
+            return None
+        accelerator.wait_for_everyone()
+        if not main:  # the main process writes final/ and the summary
             return None
         model = accelerator.unwrap_model(policy).model
         _save_final(model, tokenizer, run, cfg.lora_save)
@@ -201,6 +220,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
             "eval_pairs": len(evals), "initial": initial, "final": eval_metrics,
             "reference_cache": ref_status, "runtime_s": round(time.time() - started, 1),
             "models_in_memory": 1,  # while training: the policy (reference log-probs are cached)
+            "processes": accelerator.num_processes,
             "rss_at_start_mb": rss_at_start,
             "train_runtime_s": round(state.train_seconds, 3),
             "train_samples_per_s": round(state.pairs_seen / max(state.train_seconds, 1e-9), 4),

@@ -32,6 +32,7 @@ from direct_align.config import TrainConfig
 from direct_align.data import PairDataset
 from direct_align.data.batching import Batcher
 from direct_align.data.packing import build_batch
+from direct_align.distributed import any_across, my_share, sum_across
 from direct_align.errors import DirectAlignError
 from direct_align.evaluate import evaluate_pairs
 from direct_align.losses import LOSSES, preference_loss
@@ -166,10 +167,14 @@ def optimizer_step(
     n_pairs = sum(map(len, group))
     step_metrics: dict[str, float] = {}
     tokens = 0
+    # with several processes each takes its share of the micro-batches; DDP averages gradients
+    # over the processes, so each loss is scaled back by their count
+    local = my_share(group, accelerator)
+    scale = accelerator.num_processes
     model.train()
-    for k, index in enumerate(group):
+    for k, index in enumerate(local):
         batch = build_batch(data, index, cfg.layout, pad_token_id).to(device)
-        sync = k == len(group) - 1
+        sync = k == len(local) - 1
         with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
             out = model(batch)
             ref_c, ref_r = ref.select(batch.index.cpu()) if ref else (None, None)
@@ -180,15 +185,19 @@ def optimizer_step(
                 chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths,
                 beta=cfg.beta, **loss_options,
             )  # fmt: skip
-        if not torch.isfinite(loss):
+        if any_across(not torch.isfinite(loss), accelerator):
             raise DirectAlignError(
-                f"step {step}: the loss is {loss.item()} (non-finite); the weights were not "
-                f"updated; last checkpoint: {run.last_checkpoint()}"
+                f"step {step}: the loss is non-finite ({loss.item()} in process "
+                f"{accelerator.process_index}); the weights were not updated; last checkpoint: "
+                f"{run.last_checkpoint()}"
             )
-        accelerator.backward(loss * len(index) / n_pairs)
+        accelerator.backward(loss * len(index) / n_pairs * scale)
         for key, value in {"loss": loss.item(), **metrics}.items():
             step_metrics[key] = step_metrics.get(key, 0.0) + value * len(index) / n_pairs
         tokens += batch.num_tokens
+    totals = sum_across({**step_metrics, "tokens": float(tokens)}, accelerator)
+    tokens = int(totals.pop("tokens"))
+    step_metrics = totals
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or 1e30)
     optimizer.step()
     scheduler.step()
@@ -251,7 +260,8 @@ def fit(
     def checkpoint() -> None:
         run.save_checkpoint(state.step, lambda d: accelerator.save_state(str(d)),
                             {"train_state": asdict(state), "total_steps": total},
-                            keep=cfg.save_total_limit)  # fmt: skip
+                            keep=cfg.save_total_limit, main=accelerator.is_main_process,
+                            barrier=accelerator.wait_for_everyone)  # fmt: skip
 
     stop_signal: list[int] = []
     handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
@@ -259,7 +269,8 @@ def fit(
     eval_metrics = evaluate() if state.step == 0 else {}
     window = LogWindow()
     steps_this_run = 0
-    bar = progress(total=total, initial=state.step, desc=f"train ({cfg.loss})", unit="step")
+    bar = progress(total=total, initial=state.step, desc=f"train ({cfg.loss})", unit="step",
+                   disable=not accelerator.is_main_process)  # fmt: skip
     groups = step_groups(batcher, cfg.grad_accum, state)
     try:
         while state.step < total:
