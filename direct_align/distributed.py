@@ -36,18 +36,29 @@ def is_main_rank() -> bool:
 
 
 def single_process_only(command: str) -> None:
-    """Refuse to run ``command`` under a multi-process launcher, which it does not support yet
+    """Refuse to run ``command`` under a multi-process launcher, which it does not support
     (every process would do the whole run and write the same files)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         raise ConfigError(f"{command} runs in one process, and was launched in {world}; "
-                          "multi-process training is supported by `direct-align train` with "
-                          "offline losses (see docs/distributed.md)")  # fmt: skip
+                          "the training commands run in several (see docs/distributed.md)")  # fmt: skip
 
 
 def my_share(items: Sequence[T], accelerator: Accelerator) -> list[T]:
     """This process's items of a step: every ``num_processes``-th, from its index on."""
     return list(items[accelerator.process_index :: accelerator.num_processes])
+
+
+def even_share(items: Sequence[T], accelerator: Accelerator) -> list[tuple[T, bool]]:
+    """:func:`my_share` with a flag per item, padded to the same length in every process.
+
+    DDP and FSDP communicate in every backward (FSDP in every forward too), so all processes
+    must run as many passes: a process whose share is short repeats ``items[0]`` flagged False,
+    to be run with weight 0. ``items`` must be non-empty.
+    """
+    n = accelerator.num_processes
+    mine = [(item, True) for item in my_share(items, accelerator)]
+    return mine + [(items[0], False)] * (-(-len(items) // n) - len(mine))
 
 
 def sum_across(values: dict[str, float], accelerator: Accelerator) -> dict[str, float]:

@@ -8,11 +8,13 @@ from statistics import mean
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from direct_align.data import PairDataset
 from direct_align.data.packing import build_batch
+from direct_align.distributed import even_share, sum_across
 from direct_align.losses import preference_loss
 from direct_align.models.logprobs import IGNORE, PreferenceModel, token_logps
 from direct_align.reference import ReferenceLogps
@@ -32,14 +34,22 @@ def evaluate_pairs(
     pad_token_id: int,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    accelerator: Accelerator | None = None,
 ) -> dict[str, float]:
-    """Loss and reward metrics over all ``pairs``, averaged pair-weighted over batches."""
+    """Loss and reward metrics over all ``pairs``, averaged pair-weighted over batches.
+
+    With an ``accelerator`` of several processes the batches are dealt out among them
+    (:func:`~direct_align.distributed.even_share`) and the sums added up: every process returns
+    the metrics of all pairs.
+    """
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
     order = sorted(range(len(pairs)), key=pairs.pair_tokens)
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    shared = accelerator is not None and accelerator.num_processes > 1 and batches
+    mine = even_share(batches, accelerator) if shared else [(b, True) for b in batches]
+    for index, real in mine:
         batch = build_batch(pairs, index, layout, pad_token_id).to(device)
         with autocast():
             out = model(batch)
@@ -52,8 +62,10 @@ def evaluate_pairs(
             **loss_kwargs,
         )  # fmt: skip
         for key, v in {"loss": value.item(), **metrics}.items():
-            totals[key] = totals.get(key, 0.0) + v * len(index)
+            totals[key] = totals.get(key, 0.0) + v * len(index) * real
     model.train(was_training)
+    if shared:
+        totals = sum_across(totals, accelerator)
     return {key: v / len(pairs) for key, v in totals.items()}
 
 

@@ -31,18 +31,20 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from direct_align.config import TrainConfig
 from direct_align.data import PairDataset, fit_pair, load_source
 from direct_align.data.batching import Batcher
 from direct_align.data.tokenize import _left_truncate
+from direct_align.distributed import any_across, my_share, sum_across
 from direct_align.errors import DataError
 from direct_align.evaluate import encode_prompts, sample
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import AdaptersOff
 from direct_align.outputs import RunDir, read_state
 from direct_align.progress import progress
-from direct_align.reference import ReferenceLogps, score_pairs
+from direct_align.reference import ReferenceLogps, score_shared
 from direct_align.rewards import JudgeError, Rewards
 from direct_align.tracking import Tracker
 from direct_align.trainer import (
@@ -191,32 +193,30 @@ def fit_online(
         nonlocal saved_round
         run.save_checkpoint(state.step, lambda d: accelerator.save_state(str(d)),
                             {"online_state": asdict(state), "total_steps": total},
-                            keep=cfg.save_total_limit)  # fmt: skip
+                            keep=cfg.save_total_limit, main=accelerator.is_main_process,
+                            barrier=accelerator.wait_for_everyone)  # fmt: skip
         saved_round = state.round
 
     eval_metrics = evaluate() if state.round == 0 else {}
     k = cfg.samples_per_prompt
-    bar = progress(total=cfg.rounds, initial=state.round, desc=f"online ({cfg.loss})", unit="round")
+    bar = progress(total=cfg.rounds, initial=state.round, desc=f"online ({cfg.loss})",
+                   unit="round", disable=not accelerator.is_main_process)  # fmt: skip
     try:
         while state.round < cfg.rounds:
-            # 1-2. this round's prompts, k samples each from the current policy
+            # 1-3. this round's prompts, k samples each from the current policy, all judged: k
+            #      calls a prompt (with several processes each takes its share of the prompts)
             index = round_prompts(len(prompts), cfg.prompts_per_round, cfg.seed, state.round)
             texts = [prompts[i] for i in index]
             prompt_ids = encode_for_sampling(tokenizer, texts, cfg)
             lm = accelerator.unwrap_model(model).model
-            responses = sample(lm, [p for p in prompt_ids for _ in range(k)],
-                               max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=pad, batch_size=eval_batch * 2,
-                               temperature=cfg.temperature, top_p=cfg.top_p,
-                               seed=cfg.seed * 100_003 + state.round)  # fmt: skip
-            # 3. judge every response: k calls a prompt
-            decoded = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            ended = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
             try:
-                scores, judge_metrics = rewards([t for t in texts for _ in range(k)], decoded,
-                                                lengths=[len(r) for r in responses], ended=ended)  # fmt: skip
+                responses, scores, judge_metrics = sample_and_judge(
+                    lm, rewards, texts, prompt_ids, tokenizer=tokenizer, cfg=cfg,
+                    accelerator=accelerator, batch_size=eval_batch * 2,
+                    seed=cfg.seed * 100_003 + state.round)  # fmt: skip
             except JudgeError as e:
                 raise _judge_failed(e, state, saved_round, checkpoint, run) from None
+            ended = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
             state.judge_calls += len(responses)
             state.tokens_generated += sum(map(len, responses))
             # 4-5. pairs, and their reference log-probs
@@ -227,8 +227,9 @@ def fit_online(
             state.pairs += len(data)
             ref = None
             if reference is not None and len(data):
-                ref = score_pairs(reference, data, batch_size=eval_batch, layout=cfg.layout,
-                                  pad_token_id=pad, device=device, autocast=accelerator.autocast)  # fmt: skip
+                ref = score_shared(reference, data, batch_size=eval_batch, layout=cfg.layout,
+                                   pad_token_id=pad, device=device, autocast=accelerator.autocast,
+                                   accelerator=accelerator)  # fmt: skip
             # 6. optimizer steps on the round's pairs
             window = LogWindow()
             batcher = Batcher(data, batch_size=cfg.batch_size, seed=cfg.seed + state.round,
@@ -268,6 +269,48 @@ def fit_online(
     finally:
         bar.close()
     return state, evaluate() or eval_metrics
+
+
+def sample_and_judge(lm: Any, rewards: Rewards, texts: list[str], prompt_ids: list[list[int]], *,
+                     tokenizer: Any, cfg: TrainConfig, accelerator: Accelerator, batch_size: int,
+                     seed: int) -> tuple[list[list[int]], torch.Tensor, dict[str, float]]:  # fmt: skip
+    """``k`` responses to each prompt, judged: (``P × k`` response ids, prompt by prompt; their
+    rewards ``[P × k]``; the judges' mean metrics over all of them).
+
+    With several processes each samples and judges every ``num_processes``-th prompt (with its
+    own seed) and all receive every result. A judge failing in any process raises
+    :class:`JudgeError` in all of them.
+    """
+    k = cfg.samples_per_prompt
+    mine = my_share(range(len(texts)), accelerator)
+    seed += 1_000_003 * accelerator.process_index
+    responses = sample(lm, [prompt_ids[p] for p in mine for _ in range(k)],
+                       max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, batch_size=batch_size,
+                       temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)  # fmt: skip
+    decoded = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    ended = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
+    error: JudgeError | None = None
+    try:
+        scores, metrics = rewards([texts[p] for p in mine for _ in range(k)], decoded,
+                                  lengths=[len(r) for r in responses], ended=ended)  # fmt: skip
+    except JudgeError as e:
+        error = e
+    if any_across(error is not None, accelerator):  # every process raises the first message
+        if accelerator.num_processes > 1:
+            raise JudgeError(gather_object([str(error)] if error else [])[0])
+        raise error
+    if accelerator.num_processes == 1:
+        return responses, scores, metrics
+    n = len(responses)
+    metrics = sum_across({key: v * n for key, v in metrics.items()} | {"n": n}, accelerator)
+    total = metrics.pop("n")
+    records = gather_object([(p, responses[i * k : (i + 1) * k], scores[i * k : (i + 1) * k].tolist())
+                             for i, p in enumerate(mine)])  # fmt: skip
+    records.sort(key=lambda record: record[0])
+    return ([r for _, rs, _ in records for r in rs],
+            torch.tensor([x for _, _, xs in records for x in xs], dtype=torch.float64),
+            {key: v / total for key, v in metrics.items()})  # fmt: skip
 
 
 def _crossed(step: int, steps_taken: int, every: int) -> bool:

@@ -14,16 +14,21 @@ import logging
 import time
 from typing import Any
 
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from direct_align.config import TrainConfig, save_yaml, uses_bf16, uses_reference
+from direct_align.config import TrainConfig, uses_bf16, uses_reference
 from direct_align.data import PairDataset
+from direct_align.distributed import (
+    check_process_count,
+    make_accelerator,
+    quiet_unless_main,
+)
+from direct_align.errors import ConfigError
 from direct_align.models.loading import load_causal_lm, load_tokenizer
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import AdaptersOff
 from direct_align.online import fit_online, load_prompts
-from direct_align.outputs import RunDir, read_state
+from direct_align.outputs import RunDir
 from direct_align.reference import ReferenceCache, ReferenceLogps, cached_reference_logps
 from direct_align.rewards import RewardModelJudge, load_rewards
 from direct_align.run import (
@@ -33,17 +38,18 @@ from direct_align.run import (
     _prepare,
     _save_final,
     load_policy,
+    open_outputs,
     preference_model,
     resolve_inputs,
 )
-from direct_align.tracking import Tracker
 from direct_align.trainer import resident_mb
 
 log = logging.getLogger(__name__)
 
 
-def run_online(cfg: TrainConfig) -> dict[str, Any]:
-    """Train online as configured; returns the summary (also written to ``summary.json``)."""
+def run_online(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Train online as configured; returns the summary (also written to ``summary.json``), or
+    None in the processes other than the main one."""
     started, rss_at_start = time.time(), resident_mb()  # the runtime before any model
     run = RunDir(cfg.output_dir)
     run.check(resume=cfg.resume, overwrite=cfg.overwrite)
@@ -55,7 +61,13 @@ def run_online(cfg: TrainConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_path)
     prompts = load_prompts(source, cfg.split if cfg.dataset else None)
     log.info("prompts: %d from %s", len(prompts), source)
-    accelerator = Accelerator(mixed_precision="bf16" if uses_bf16(cfg) else "no")
+    accelerator = make_accelerator("bf16" if uses_bf16(cfg) else "no")
+    check_process_count(cfg.grad_accum, accelerator)
+    if cfg.prompts_per_round < accelerator.num_processes:
+        raise ConfigError(f"--prompts-per-round {cfg.prompts_per_round} is fewer than the "
+                          f"{accelerator.num_processes} processes (each samples a share of them)")  # fmt: skip
+    quiet_unless_main(accelerator)
+    main = accelerator.is_main_process
     rewards = load_rewards(cfg.reward or ["builtin"], length_penalty=cfg.length_penalty,
                            eos_penalty=cfg.eos_penalty, max_length=cfg.max_length,
                            device=accelerator.device)  # fmt: skip
@@ -85,22 +97,19 @@ def run_online(cfg: TrainConfig) -> dict[str, Any]:
             reference, tokenizer, {"eval": evals}, cache=ReferenceCache(cache_dir / "reference"),
             settings=settings, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
             layout=cfg.layout, pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
-            autocast=accelerator.autocast,
+            autocast=accelerator.autocast, accelerator=accelerator,
         )  # fmt: skip
         ref_eval = refs["eval"]
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
-    run.prepare(overwrite=cfg.overwrite)
-    if not cfg.resume:
-        save_yaml(cfg, run.path / "config.yaml")
-    resume_step = read_state(run.last_checkpoint())["online_state"]["step"] if cfg.resume else None
-    tracker = Tracker(run.path, report_to=cfg.report_to, project=cfg.wandb_project,
-                      run_name=cfg.run_name or run.path.name, config=cfg.to_dict(),
-                      resume_step=resume_step)  # fmt: skip
+    tracker = open_outputs(run, cfg, accelerator, "online_state")
     try:
         state, eval_metrics = fit_online(policy, reference, prompts, rewards, evals, ref_eval,
                                          tokenizer=tokenizer, cfg=cfg, accelerator=accelerator,
                                          run=run, tracker=tracker)  # fmt: skip
+        accelerator.wait_for_everyone()
+        if not main:  # the main process writes final/ and the summary
+            return None
         model = accelerator.unwrap_model(policy).model
         _save_final(model, tokenizer, run, cfg.lora_save)
         summary: dict[str, Any] = {
@@ -111,7 +120,7 @@ def run_online(cfg: TrainConfig) -> dict[str, Any]:
             # adapters off), reward-model judges
             "models_in_memory": 1 + isinstance(reference, PreferenceModel)
             + sum(isinstance(j.judge, RewardModelJudge) for j in rewards.judges),
-            "rss_at_start_mb": rss_at_start,
+            "processes": accelerator.num_processes, "rss_at_start_mb": rss_at_start,
             "initial": _first_eval(run), "final": eval_metrics,
             "runtime_s": round(time.time() - started, 1),
             "train_runtime_s": round(state.train_seconds, 3),

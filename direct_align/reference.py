@@ -18,6 +18,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import xxhash
@@ -131,6 +132,14 @@ def _sharded(score: Callable[[PairDataset], ReferenceLogps], pairs: PairDataset,
     whole[1, mine] = part.rejected.to(accelerator.device)
     whole = accelerator.reduce(whole, "sum").cpu()  # the shares are disjoint
     return ReferenceLogps(whole[0], whole[1])
+
+
+def score_shared(model: PreferenceModel, pairs: PairDataset, *, accelerator: Accelerator,
+                 **options: Any) -> ReferenceLogps:  # fmt: skip
+    """:func:`score_pairs` (``options`` are its keywords), sharded among the processes of
+    ``accelerator`` when there are several; every process gets the sums of all pairs."""
+    score = partial(score_pairs, model, **options)
+    return score(pairs) if accelerator.num_processes == 1 else _sharded(score, pairs, accelerator)
 
 
 class ReferenceCache:

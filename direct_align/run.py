@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from direct_align.builtin.build import BuiltinAssets, BuiltinSpec, default_cache_dir, ensure_builtin
@@ -29,7 +30,6 @@ from direct_align.distributed import (
     check_process_count,
     make_accelerator,
     quiet_unless_main,
-    single_process_only,
 )
 from direct_align.errors import ConfigError, DataError
 from direct_align.evaluate import generation_report
@@ -137,7 +137,6 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
     if cfg.online:  # sample, judge, learn: direct_align.online
         from direct_align.online_run import run_online
 
-        single_process_only("direct-align train --online")
         return run_online(cfg)
     started, rss_at_start = time.time(), resident_mb()  # the runtime before any model
     run = RunDir(cfg.output_dir)
@@ -186,22 +185,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    # 3. outputs: only now is the output directory created or (with --overwrite) emptied, by
-    #    the main process alone
-    accelerator.wait_for_everyone()
-    if main:
-        run.prepare(overwrite=cfg.overwrite)
-        if not cfg.resume:
-            save_yaml(cfg, run.path / "config.yaml")
-    accelerator.wait_for_everyone()
-    resume_step = None
-    if cfg.resume:
-        resume_step = read_state(run.last_checkpoint())["train_state"]["step"]
-    tracker = NullTracker()
-    if main:
-        tracker = Tracker(run.path, report_to=cfg.report_to, project=cfg.wandb_project,
-                          run_name=cfg.run_name or run.path.name, config=cfg.to_dict(),
-                          resume_step=resume_step)  # fmt: skip
+    # 3. outputs: only now is the output directory created or (with --overwrite) emptied
+    tracker = open_outputs(run, cfg, accelerator, "train_state")
     try:
         state, eval_metrics, finished = fit(policy, train, evals, refs, cfg=cfg,
                                             accelerator=accelerator, run=run, tracker=tracker,
@@ -232,6 +217,25 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
         return summary
     finally:
         tracker.close()
+
+
+def open_outputs(run: RunDir, cfg: TrainConfig, accelerator: Accelerator,
+                 state_key: str) -> Tracker | NullTracker:  # fmt: skip
+    """Create (or with --overwrite empty) the output directory, write ``config.yaml`` and open
+    the tracker, continuing from the checkpoint's ``state_key`` step on --resume. The main
+    process alone does this; the others wait for it and get a :class:`NullTracker`."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        run.prepare(overwrite=cfg.overwrite)
+        if not cfg.resume:
+            save_yaml(cfg, run.path / "config.yaml")
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return NullTracker()
+    resume_step = read_state(run.last_checkpoint())[state_key]["step"] if cfg.resume else None
+    return Tracker(run.path, report_to=cfg.report_to, project=cfg.wandb_project,
+                   run_name=cfg.run_name or run.path.name, config=cfg.to_dict(),
+                   resume_step=resume_step)  # fmt: skip
 
 
 def _first_eval(run: RunDir) -> dict[str, float]:

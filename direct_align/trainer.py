@@ -32,7 +32,7 @@ from direct_align.config import TrainConfig
 from direct_align.data import PairDataset
 from direct_align.data.batching import Batcher
 from direct_align.data.packing import build_batch
-from direct_align.distributed import any_across, my_share, sum_across
+from direct_align.distributed import any_across, even_share, sum_across
 from direct_align.errors import DirectAlignError
 from direct_align.evaluate import evaluate_pairs
 from direct_align.losses import LOSSES, preference_loss
@@ -125,7 +125,8 @@ def eval_metrics_of(model: PreferenceModel, evals: PairDataset, ref: ReferenceLo
                              loss_kwargs=loss_kwargs(cfg),
                              batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                              layout=cfg.layout, pad_token_id=pad_token_id,
-                             device=accelerator.device, autocast=accelerator.autocast)  # fmt: skip
+                             device=accelerator.device, autocast=accelerator.autocast,
+                             accelerator=accelerator)  # fmt: skip
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
@@ -167,12 +168,13 @@ def optimizer_step(
     n_pairs = sum(map(len, group))
     step_metrics: dict[str, float] = {}
     tokens = 0
-    # with several processes each takes its share of the micro-batches; DDP averages gradients
-    # over the processes, so each loss is scaled back by their count
-    local = my_share(group, accelerator)
+    # with several processes each takes its share of the micro-batches (as many passes in
+    # each: a short share repeats one with weight 0); DDP averages gradients over the
+    # processes, so each loss is scaled back by their count
+    local = even_share(group, accelerator)
     scale = accelerator.num_processes
     model.train()
-    for k, index in enumerate(local):
+    for k, (index, real) in enumerate(local):
         batch = build_batch(data, index, cfg.layout, pad_token_id).to(device)
         sync = k == len(local) - 1
         with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
@@ -191,10 +193,11 @@ def optimizer_step(
                 f"{accelerator.process_index}); the weights were not updated; last checkpoint: "
                 f"{run.last_checkpoint()}"
             )
-        accelerator.backward(loss * len(index) / n_pairs * scale)
-        for key, value in {"loss": loss.item(), **metrics}.items():
-            step_metrics[key] = step_metrics.get(key, 0.0) + value * len(index) / n_pairs
-        tokens += batch.num_tokens
+        weight = len(index) / n_pairs if real else 0.0
+        accelerator.backward(loss * weight * scale)
+        for key, value in {"loss": loss.item(), **metrics}.items():  # the same keys everywhere
+            step_metrics[key] = step_metrics.get(key, 0.0) + value * weight
+        tokens += batch.num_tokens * real
     totals = sum_across({**step_metrics, "tokens": float(tokens)}, accelerator)
     tokens = int(totals.pop("tokens"))
     step_metrics = totals

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -27,20 +28,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(processes: int, args: list[str], env: dict[str, str],
+           check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
+    """`direct-align ARGS` in ``processes`` processes (torchrun, gloo on CPU)."""
+    command = [sys.executable, "-m", "direct_align"]
+    if processes > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                   f"--master_port={_free_port()}", "-m", "direct_align"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
+           **env}  # fmt: skip
+    result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 or not check, result.stderr[-3000:]
+    return result
+
+
 def train(processes: int, out: Path, model: Path, data: Path, cache: Path,
           *extra: str) -> subprocess.CompletedProcess:  # fmt: skip
-    """`direct-align train` in ``processes`` processes (torchrun, gloo on CPU)."""
-    launch = [sys.executable, "-m", "direct_align"]
-    if processes > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                  f"--master_port={_free_port()}", "-m", "direct_align"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIRECT_ALIGN_CACHE": str(cache),
-           "PYTHONPATH": str(Path(__file__).parents[1])}  # fmt: skip
-    cmd = [*launch, "train", "--model", str(model), "--dataset", str(data),
-           "--output-dir", str(out), *ARGS, *extra]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    """`direct-align train` (offline) in ``processes`` processes."""
+    return launch(processes, ["train", "--model", str(model), "--dataset", str(data),
+                              "--output-dir", str(out), *ARGS, *extra],
+                  {"DIRECT_ALIGN_CACHE": str(cache)})  # fmt: skip
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -55,7 +62,9 @@ def last_train_record(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path, Path]:
     tmp = tmp_path_factory.mktemp("ddp")
-    data = write_jsonl(tmp / "pairs.jsonl", rows("standard", 60, seed=4))
+    # 26 train pairs: 7 micro-batches of 4, so step 4 (the epoch's last) has one micro-batch,
+    # which the second process repeats with weight 0; the one eval pair is one eval batch
+    data = write_jsonl(tmp / "pairs.jsonl", rows("standard", 27, seed=4))
     return tiny_model_dir, data, tmp
 
 
@@ -73,7 +82,11 @@ def test_two_processes_match_one_with_the_same_global_batch(setup) -> None:
     for key in ("train/loss", "train/rewards/accuracies", "train/rewards/margins"):
         assert b[key] == pytest.approx(a[key], abs=1e-4)
     summary = json.loads((tmp / "two" / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 4
+    assert summary["processes"] == 2 and summary["steps"] == 4 and summary["train_pairs"] == 26
+    # evaluation was dealt out among the processes and summed: the same metrics as one process
+    single = json.loads((tmp / "one" / "summary.json").read_text())
+    for key in ("eval/loss", "eval/rewards/margins"):
+        assert summary["final"][key] == pytest.approx(single["final"][key], abs=1e-5)
     # the reference pass was sharded and gathered into one cache, equal to the 1-process one
     caches = [sorted((tmp / c / "reference").glob("*.safetensors")) for c in ("cache1", "cache2")]
     assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and caches[0]
@@ -112,9 +125,64 @@ def test_commands_without_multi_process_support_refuse_to_run_in_several(setup) 
     model, data, tmp = setup
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "-m", "direct_align", "train-rm", "--model",
-           str(model), "--dataset", str(data), "--output-dir", str(tmp / "rm")]  # fmt: skip
+           f"--master_port={_free_port()}", "-m", "direct_align", "label", "--model",
+           str(model), "--dataset", str(data), "--output", str(tmp / "labels.jsonl")]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
-    assert "error: direct-align train-rm runs in one process, and was launched in 2" in result.stderr
-    assert not (tmp / "rm").exists()
+    assert "error: direct-align label runs in one process, and was launched in 2" in result.stderr
+    assert not (tmp / "labels.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- online
+
+# Counts the e's of each response; records which prompts each process judged; in process 1 it
+# fails on its second call (round 2) while the file FAIL exists.
+JUDGE_PY = """
+import os
+
+def traced(prompts, responses):
+    rank = os.environ.get("RANK", "0")
+    trace = os.environ["TRACE"] + "." + rank
+    calls = open(trace).read().count("#") if os.path.exists(trace) else 0
+    with open(trace, "a") as f:
+        f.write("#\\n" + "".join(p.replace("\\n", " ") + "\\n" for p in prompts))
+    if rank == "1" and calls == 1 and os.path.exists(os.environ["FAIL"]):
+        return [float("nan")] * len(responses)
+    return [float(r.count("e")) for r in responses]
+"""
+
+
+def test_online_shares_prompts_stops_everywhere_on_a_failed_judge_and_resumes_in_one(
+    setup, tmp_path: Path
+) -> None:
+    model, _, _ = setup
+    from direct_align.builtin.task import sample_prompts
+
+    prompts = sample_prompts(8, seed=3)
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    (tmp_path / "judge.py").write_text(JUDGE_PY)
+    (tmp_path / "fail").write_text("")
+    trace = tmp_path / "trace"
+    env = {"TRACE": str(trace), "FAIL": str(tmp_path / "fail")}
+    args = ["train", "--online", "--loss", "dpo", "--model", str(model), "--dataset", str(data),
+            "--output-dir", str(tmp_path / "run"), "--reward", f"{tmp_path / 'judge.py'}:traced",
+            "--rounds", "3", "--prompts-per-round", "8", "--samples-per-prompt", "2",
+            "--batch-size", "8", "--grad-accum", "2", "--max-length", "48",
+            "--max-new-tokens", "8", "--eval-every", "0", "--save-every", "0"]  # fmt: skip
+    failed = launch(2, args, env, check=False)
+    assert failed.returncode != 0
+    # both processes stop with the judge's message, after checkpointing round 1
+    message = f"error: round 2: judge '{tmp_path / 'judge.py'}:traced': returned nan"
+    assert failed.stderr.count(message) == 2, failed.stderr[-3000:]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000001"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["online_state"]["round"] == 1
+    # round 1: each process judged its own half of the prompts, k = 2 responses each
+    judged = [(trace.parent / f"trace.{r}").read_text().split("#\n")[1].splitlines() for r in (0, 1)]
+    assert len(judged[0]) == len(judged[1]) == 8
+    assert Counter(judged[0] + judged[1]) == Counter(p.replace("\n", " ") for p in prompts * 2)
+
+    (tmp_path / "fail").unlink()
+    resumed = launch(1, [*args, "--resume"], env)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["judge_calls"] == 3 * 8 * 2
+    assert summary["processes"] == 1 and "online: 3 rounds" in resumed.stdout
