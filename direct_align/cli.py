@@ -174,11 +174,11 @@ def label(**values: Any) -> None:
     """
     from direct_align.label import run_label
 
-    single_process_only("direct-align label")
     result = run_label(resolve_command(LabelConfig, values))
-    click.echo(f"{result['pairs']} pairs from {result['prompts']} prompts "
-               f"({result['judge_calls']} judge calls, mean reward {result['reward/total']:.3f})"
-               f" → {result['output']}")  # fmt: skip
+    if result is not None:  # the main process
+        click.echo(f"{result['pairs']} pairs from {result['prompts']} prompts "
+                   f"({result['judge_calls']} judge calls, mean reward "
+                   f"{result['reward/total']:.3f}) → {result['output']}")  # fmt: skip
 
 
 @cli.command()
@@ -191,11 +191,11 @@ def select(**values: Any) -> None:
     """
     from direct_align.label import run_select
 
-    single_process_only("direct-align select")
     result = run_select(resolve_command(SelectConfig, values))
-    click.echo(f"{result['written']} of {result['candidates']} candidates ranked (mean |margin| "
-               f"{result['selected_mean_abs_margin']:.4f} written, {result['mean_abs_margin']:.4f} "
-               f"all) → {result['output']}")  # fmt: skip
+    if result is not None:  # the main process
+        click.echo(f"{result['written']} of {result['candidates']} candidates ranked (mean "
+                   f"|margin| {result['selected_mean_abs_margin']:.4f} written, "
+                   f"{result['mean_abs_margin']:.4f} all) → {result['output']}")  # fmt: skip
 
 
 def _setup_logging() -> None:

@@ -22,17 +22,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from direct_align.data import PairDataset, load_source
+from direct_align.distributed import make_accelerator, quiet_unless_main
 from direct_align.errors import ConfigError, DataError
-from direct_align.evaluate import sample
 from direct_align.label_config import LabelConfig, SelectConfig
 from direct_align.losses import LOSSES
 from direct_align.models.loading import load_causal_lm, load_tokenizer
 from direct_align.models.logprobs import PreferenceModel
-from direct_align.online import encode_for_sampling, load_prompts, make_pairs
+from direct_align.online import encode_for_sampling, load_prompts, make_pairs, sample_and_judge
 from direct_align.outputs import write_atomic
-from direct_align.reference import score_pairs
+from direct_align.reference import score_shared
 from direct_align.rewards import load_rewards
 from direct_align.rm.model import encode_responses
 from direct_align.run import resolve_inputs
@@ -52,24 +53,28 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
     write_atomic(Path(path), "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def run_label(cfg: LabelConfig) -> dict[str, Any]:
-    """Sample, judge and pair; writes the pairs and returns counts and the judges' means."""
+def run_label(cfg: LabelConfig) -> dict[str, Any] | None:
+    """Sample, judge and pair; writes the pairs and returns counts and the judges' means (None
+    in the processes other than the main one: with several, each samples and judges its share
+    of the prompts)."""
     model_path, source, _ = _inputs(cfg)
     tokenizer = load_tokenizer(model_path)
     prompts = load_prompts(source, cfg.split if cfg.dataset else None)[: cfg.max_prompts]
+    accelerator = make_accelerator("no")
+    quiet_unless_main(accelerator)
+    if len(prompts) < accelerator.num_processes:
+        raise ConfigError(f"{len(prompts)} prompts are fewer than the {accelerator.num_processes} "
+                          "processes (each samples a share of them)")  # fmt: skip
     rewards = load_rewards(cfg.reward or ["builtin"], length_penalty=cfg.length_penalty,
-                           eos_penalty=cfg.eos_penalty, max_length=cfg.max_length)  # fmt: skip
-    policy = load_causal_lm(model_path)
+                           eos_penalty=cfg.eos_penalty, max_length=cfg.max_length,
+                           device=accelerator.device)  # fmt: skip
+    policy = load_causal_lm(model_path).to(accelerator.device)
     k = cfg.samples_per_prompt
-    prompt_ids = encode_for_sampling(tokenizer, prompts, cfg)
-    responses = sample(policy, [p for p in prompt_ids for _ in range(k)],
-                       max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size,
-                       temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)  # fmt: skip
+    responses, scores, metrics = sample_and_judge(
+        policy, rewards, prompts, encode_for_sampling(tokenizer, prompts, cfg),
+        tokenizer=tokenizer, cfg=cfg, accelerator=accelerator, batch_size=cfg.batch_size,
+        seed=cfg.seed)  # fmt: skip
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    ended = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
-    scores, metrics = rewards([p for p in prompts for _ in range(k)], texts,
-                              lengths=[len(r) for r in responses], ended=ended)  # fmt: skip
     rows = []
     for p, c, r in make_pairs(scores.view(len(prompts), k), cfg.pair_margin):
         chosen, rejected = texts[p * k + c], texts[p * k + r]
@@ -79,6 +84,8 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
                          "score_rejected": scores[p * k + r].item()})  # fmt: skip
     if not rows:
         raise DataError(f"{source}: no pair to write: every prompt's {k} responses tied")
+    if not accelerator.is_main_process:
+        return None
     _write_jsonl(cfg.output, rows)
     return {"prompts": len(prompts), "judge_calls": len(responses), "pairs": len(rows),
             "output": cfg.output, **metrics}  # fmt: skip
@@ -100,14 +107,15 @@ def read_candidates(source: str, split: str | None) -> list[dict]:
 
 
 def implicit_margins(data: PairDataset, *, loss: str, beta: float,
-                     models: tuple[PreferenceModel, PreferenceModel | None],
-                     batch_size: int, pad_token_id: int) -> torch.Tensor:  # fmt: skip
-    """Implicit-reward margins ``[N]``, reward(a) − reward(b), of the loss for pairs (a, b)."""
+                     models: tuple[PreferenceModel, PreferenceModel | None], batch_size: int,
+                     pad_token_id: int, accelerator: Accelerator) -> torch.Tensor:  # fmt: skip
+    """Implicit-reward margins ``[N]``, reward(a) − reward(b), of the loss for pairs (a, b)
+    (scored in shares when ``accelerator`` has several processes)."""
     model, reference = models
     kw = {"batch_size": batch_size, "layout": "padded", "pad_token_id": pad_token_id,
-          "device": torch.device("cpu")}  # fmt: skip
-    pi = score_pairs(model, data, **kw)
-    ref = score_pairs(reference, data, **kw) if reference is not None else None
+          "device": accelerator.device, "accelerator": accelerator}  # fmt: skip
+    pi = score_shared(model, data, **kw)
+    ref = score_shared(reference, data, **kw) if reference is not None else None
     args = {"chosen_logps": pi.chosen, "rejected_logps": pi.rejected, "beta": beta,
             "ref_chosen_logps": ref.chosen if ref else torch.zeros_like(pi.chosen),
             "ref_rejected_logps": ref.rejected if ref else torch.zeros_like(pi.chosen),
@@ -119,8 +127,9 @@ def implicit_margins(data: PairDataset, *, loss: str, beta: float,
     return reward_a - reward_b
 
 
-def run_select(cfg: SelectConfig) -> dict[str, Any]:
-    """Rank the candidates by |implicit-reward margin|, smallest first; write them."""
+def run_select(cfg: SelectConfig) -> dict[str, Any] | None:
+    """Rank the candidates by |implicit-reward margin|, smallest first; write them. Returns
+    counts and means (None in the processes other than the main one)."""
     model_path, source, assets = _inputs(cfg)
     if cfg.dataset is None:
         source = str(assets.root / "candidates.jsonl")
@@ -143,13 +152,20 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
         raise DataError(f"{source}: {e}") from None
     data = PairDataset(prompt_ids, a_ids, b_ids)
 
+    accelerator = make_accelerator("no")
+    quiet_unless_main(accelerator)
+
     def load(path: str, option: str) -> PreferenceModel:
-        return PreferenceModel(load_causal_lm(path, option=option), chunked=False, attention="mask")
+        lm = load_causal_lm(path, option=option).to(accelerator.device)
+        return PreferenceModel(lm, chunked=False, attention="mask")
 
     models = (load(model_path, "--model"),
               None if reference_free else load(ref_path, "--ref-model"))  # fmt: skip
     margins = implicit_margins(data, loss=cfg.loss, beta=cfg.beta, models=models,
-                               batch_size=cfg.batch_size, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                               batch_size=cfg.batch_size, pad_token_id=tokenizer.pad_token_id,
+                               accelerator=accelerator)  # fmt: skip
+    if not accelerator.is_main_process:
+        return None
     order = torch.argsort(margins.abs(), stable=True).tolist()[: cfg.top]
     ranked = [{**rows[kept[j]], "margin": margins[j].item(), "rank": n} for n, j in enumerate(order)]
     _write_jsonl(cfg.output, ranked)

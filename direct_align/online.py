@@ -272,10 +272,11 @@ def fit_online(
 
 
 def sample_and_judge(lm: Any, rewards: Rewards, texts: list[str], prompt_ids: list[list[int]], *,
-                     tokenizer: Any, cfg: TrainConfig, accelerator: Accelerator, batch_size: int,
+                     tokenizer: Any, cfg: Any, accelerator: Accelerator, batch_size: int,
                      seed: int) -> tuple[list[list[int]], torch.Tensor, dict[str, float]]:  # fmt: skip
     """``k`` responses to each prompt, judged: (``P × k`` response ids, prompt by prompt; their
-    rewards ``[P × k]``; the judges' mean metrics over all of them).
+    rewards ``[P × k]``; the judges' mean metrics over all of them). ``cfg`` (a TrainConfig or
+    LabelConfig) gives samples_per_prompt, max_new_tokens, temperature and top_p.
 
     With several processes each samples and judges every ``num_processes``-th prompt (with its
     own seed) and all receive every result. A judge failing in any process raises

@@ -15,7 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefdata import rows, write_jsonl
+from conftest import make_tiny_model
+from direct_align.builtin.task import sample_prompts
+from direct_align.cli import main
+from prefdata import rows, text_pairs, write_jsonl
 
 ARGS = ["--loss", "dpo", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "4",
         "--learning-rate", "1e-3", "--max-length", "64", "--eval-every", "0", "--save-every", "0",
@@ -121,16 +124,34 @@ def test_grad_accum_must_divide_among_the_processes(setup) -> None:
     assert "--grad-accum 3 must be a multiple of the 2 processes" in result.stderr
 
 
-def test_commands_without_multi_process_support_refuse_to_run_in_several(setup) -> None:
-    model, data, tmp = setup
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "-m", "direct_align", "label", "--model",
-           str(model), "--dataset", str(data), "--output", str(tmp / "labels.jsonl")]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0
-    assert "error: direct-align label runs in one process, and was launched in 2" in result.stderr
-    assert not (tmp / "labels.jsonl").exists()
+def test_select_ranks_the_same_and_label_judges_each_prompt_once_in_two_processes(
+    setup, tiny_tokenizer, tmp_path: Path
+) -> None:
+    model, _, _ = setup
+    reference = tmp_path / "reference"
+    make_tiny_model(tiny_tokenizer, seed=2).save_pretrained(reference)
+    tiny_tokenizer.save_pretrained(reference)
+    candidates = write_jsonl(tmp_path / "candidates.jsonl", [
+        {"prompt": p, "a": a, "b": b, "id": i} for i, (p, a, b) in enumerate(text_pairs(10, seed=9))
+    ])  # fmt: skip
+    select = ["select", "--model", str(model), "--ref-model", str(reference), "--dataset",
+              str(candidates), "--batch-size", "3"]  # fmt: skip
+    launch(2, [*select, "--output", str(tmp_path / "two.jsonl")], {})
+    main([*select, "--output", str(tmp_path / "one.jsonl")])  # one process, in this one
+    one, two = ([json.loads(line) for line in (tmp_path / f"{n}.jsonl").open()] for n in ("one", "two"))
+    assert [r["id"] for r in two] == [r["id"] for r in one]
+    assert [r["margin"] for r in two] == pytest.approx([r["margin"] for r in one], abs=1e-5)
+
+    (tmp_path / "judge.py").write_text("def e(prompts, responses):\n"
+                                       "    return [float(r.count('e')) for r in responses]\n")  # fmt: skip
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in sample_prompts(6, seed=8)])
+    labelled = launch(2, ["label", "--model", str(model), "--dataset", str(prompts), "--reward",
+                          f"{tmp_path / 'judge.py'}:e", "--samples-per-prompt", "3",
+                          "--max-new-tokens", "8", "--output", str(tmp_path / "pairs.jsonl")], {})  # fmt: skip
+    assert labelled.stdout.count("pairs from 6 prompts (18 judge calls") == 1
+    rows_written = [json.loads(line) for line in (tmp_path / "pairs.jsonl").open()]
+    assert 0 < len(rows_written) <= 6
+    assert all(r["score_chosen"] > r["score_rejected"] for r in rows_written)
 
 
 # ----------------------------------------------------------------------------- online
@@ -156,8 +177,6 @@ def test_online_shares_prompts_stops_everywhere_on_a_failed_judge_and_resumes_in
     setup, tmp_path: Path
 ) -> None:
     model, _, _ = setup
-    from direct_align.builtin.task import sample_prompts
-
     prompts = sample_prompts(8, seed=3)
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompts])
     (tmp_path / "judge.py").write_text(JUDGE_PY)
