@@ -41,7 +41,7 @@ from direct_align.distributed import any_across, my_share, sum_across
 from direct_align.errors import DataError
 from direct_align.evaluate import encode_prompts, sample
 from direct_align.models.logprobs import PreferenceModel
-from direct_align.models.lora import AdaptersOff
+from direct_align.models.lora import AdaptersOff, trained_only_checkpoints
 from direct_align.outputs import RunDir, read_state
 from direct_align.progress import progress
 from direct_align.reference import ReferenceLogps, score_shared
@@ -171,10 +171,11 @@ def fit_online(
     optimizer, scheduler = make_optimizer(model, cfg, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    load_kwargs = trained_only_checkpoints(accelerator, model)  # LoRA: adapters only
     state = OnlineState()
     if cfg.resume:
         checkpoint = run.last_checkpoint()
-        accelerator.load_state(str(checkpoint))
+        accelerator.load_state(str(checkpoint), **load_kwargs)
         state = OnlineState(**read_state(checkpoint)["online_state"])
         log.info("resuming from %s (round %d of %d)", checkpoint, state.round, cfg.rounds)
     extra = loss_kwargs(cfg)

@@ -37,6 +37,7 @@ from direct_align.errors import DirectAlignError
 from direct_align.evaluate import evaluate_pairs
 from direct_align.losses import LOSSES, preference_loss
 from direct_align.models.logprobs import PreferenceModel
+from direct_align.models.lora import trained_only_checkpoints
 from direct_align.outputs import RunDir, read_state
 from direct_align.progress import progress
 from direct_align.reference import ReferenceLogps
@@ -243,11 +244,12 @@ def fit(
     optimizer, scheduler = make_optimizer(model, cfg, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    load_kwargs = trained_only_checkpoints(accelerator, model)  # LoRA: adapters only
 
     state = TrainState()
     if cfg.resume:
         checkpoint = run.last_checkpoint()
-        accelerator.load_state(str(checkpoint))
+        accelerator.load_state(str(checkpoint), **load_kwargs)
         state = TrainState(**read_state(checkpoint)["train_state"])
         log.info("resuming from %s (step %d of %d)", checkpoint, state.step, total)
 

@@ -146,13 +146,11 @@ def test_lora_dpo_raises_accuracy_and_trains_only_the_adapters(lora_run: Path,
     assert summary["initial"]["eval/rewards/accuracies"] == 0.0
     assert summary["final"]["eval/rewards/accuracies"] >= 0.8
     assert summary["final"]["eval/loss"] < summary["initial"]["eval/loss"] - 0.2
-    # the checkpoint at step 20 holds the whole policy: its base weights are the initial ones
+    # the checkpoint at step 20 (from which the run resumed) holds the adapters alone: the
+    # frozen base comes back from --model
     state = load_file(lora_run / "checkpoints" / "step-000020" / "model.safetensors")
-    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    base = {k.removeprefix("model.base_model.model.").replace(".base_layer.", "."): v
-            for k, v in state.items() if "lora_" not in k}  # fmt: skip
-    assert set(initial) - set(base) == {"lm_head.weight"}  # tied to the embeddings: saved once
-    assert all(torch.equal(v, initial[k]) for k, v in base.items())
+    n_adapters = sum(1 for _ in make_policy(tiny_model_dir).named_parameters() if "lora_" in _[0])
+    assert len(state) == n_adapters and all("lora_" in k for k in state)
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in state.items())
     # final/ is the adapter plus the tokenizer, and loads with peft on the base
     final = lora_run / "final"
