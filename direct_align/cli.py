@@ -97,8 +97,9 @@ def train_rm(**values: Any) -> None:
     from direct_align.rm.run import run_train_rm
 
     cfg = resolve_rm(values)
-    single_process_only("direct-align train-rm")
-    print_rm_summary(run_train_rm(cfg), cfg.output_dir)
+    summary = run_train_rm(cfg)
+    if summary is not None:  # the main process
+        print_rm_summary(summary, cfg.output_dir)
 
 
 @cli.command()

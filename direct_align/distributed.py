@@ -50,6 +50,16 @@ def my_share(items: Sequence[T], accelerator: Accelerator) -> list[T]:
     return list(items[accelerator.process_index :: accelerator.num_processes])
 
 
+def my_padded_share(items: Sequence[T], accelerator: Accelerator) -> list[tuple[T, bool]]:
+    """This process's items (:func:`my_share`) as ``(item, True)``, then ``(items[0], False)``
+    stand-ins up to ``ceil(len(items) / num_processes)``, so that every process makes the same
+    number of passes (DDP's gradient sync and per-pass collectives hang otherwise) also when the
+    items do not divide evenly, e.g. at the end of an epoch; a stand-in's loss is weighted 0."""
+    mine = [(item, True) for item in my_share(items, accelerator)]
+    passes = -(-len(items) // accelerator.num_processes)
+    return mine + [(items[0], False)] * (passes - len(mine))
+
+
 def sum_across(values: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
     """Each value summed over the processes (the identity in a single process)."""
     if accelerator.num_processes == 1 or not values:
