@@ -116,8 +116,9 @@ def ppo(**values: Any) -> None:
     from direct_align.ppo.run import run_ppo
 
     cfg = resolve_ppo(values)
-    single_process_only("direct-align ppo")
-    print_ppo_summary(run_ppo(cfg), cfg.output_dir)
+    summary = run_ppo(cfg)
+    if summary is not None:  # the main process
+        print_ppo_summary(summary, cfg.output_dir)
 
 
 @cli.command()
