@@ -18,7 +18,6 @@ from typing import Any
 import click
 
 from direct_align.config import TrainConfig, _base_type, resolve
-from direct_align.distributed import single_process_only
 from direct_align.errors import ConfigError, DataError, DirectAlignError
 from direct_align.ppo.config import FIELDS as PPO_FIELDS
 from direct_align.ppo.config import PPOConfig, resolve_ppo
@@ -97,8 +96,9 @@ def train_rm(**values: Any) -> None:
     from direct_align.rm.run import run_train_rm
 
     cfg = resolve_rm(values)
-    single_process_only("direct-align train-rm")
-    print_rm_summary(run_train_rm(cfg), cfg.output_dir)
+    summary = run_train_rm(cfg)
+    if summary is not None:  # the main process
+        print_rm_summary(summary, cfg.output_dir)
 
 
 @cli.command()
@@ -115,8 +115,9 @@ def ppo(**values: Any) -> None:
     from direct_align.ppo.run import run_ppo
 
     cfg = resolve_ppo(values)
-    single_process_only("direct-align ppo")
-    print_ppo_summary(run_ppo(cfg), cfg.output_dir)
+    summary = run_ppo(cfg)
+    if summary is not None:  # the main process
+        print_ppo_summary(summary, cfg.output_dir)
 
 
 @cli.command()

@@ -35,15 +35,6 @@ def is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def single_process_only(command: str) -> None:
-    """Refuse to run ``command`` under a multi-process launcher, which it does not support
-    (every process would do the whole run and write the same files)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise ConfigError(f"{command} runs in one process, and was launched in {world}; "
-                          "the training commands run in several (see docs/distributed.md)")  # fmt: skip
-
-
 def my_share(items: Sequence[T], accelerator: Accelerator) -> list[T]:
     """This process's items of a step: every ``num_processes``-th, from its index on."""
     return list(items[accelerator.process_index :: accelerator.num_processes])

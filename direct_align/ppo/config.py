@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from direct_align.errors import ConfigError
 from direct_align.ppo.core import KL_ESTIMATORS
 from direct_align.settings import Fields, check_all, own, same, shared_checks
 
@@ -123,3 +124,12 @@ def validate_ppo(cfg: PPOConfig) -> None:
         (cfg.vf_coef >= 0, "--vf-coef must be ≥ 0"),
         *shared_checks(cfg),
     ])  # fmt: skip
+
+
+def check_processes(cfg: PPOConfig, processes: int) -> None:
+    """Each process samples and trains on an equal share of every rollout and minibatch, so
+    that all make the same number of forward and backward passes (DDP needs it)."""
+    if cfg.rollout_batch_size % processes or cfg.mini_batch_size % processes:
+        raise ConfigError(f"--rollout-batch-size {cfg.rollout_batch_size} and --mini-batch-size "
+                          f"{cfg.mini_batch_size} must be multiples of the {processes} processes "
+                          "(each samples and trains on an equal share)")  # fmt: skip

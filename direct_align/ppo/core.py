@@ -27,12 +27,30 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Count, sum and sum of squares of ``x`` over the positions where ``mask`` is 1 (in float64):
+    statistics that add up, so those of several processes' tensors are their sums."""
+    x, mask = x.double(), mask.double()
+    return {"count": mask.sum().item(), "sum": (x * mask).sum().item(),
+            "sumsq": (x * x * mask).sum().item()}  # fmt: skip
+
+
+def mean_var(moments: dict[str, float], *, unbiased: bool = False) -> tuple[float, float]:
+    """Mean and variance from :func:`masked_moments` (summed over processes or not):
+    Σx/n and (Σx² − n·mean²)/(n − 1 if ``unbiased`` else n)."""
+    n = moments["count"]
+    mean = moments["sum"] / max(n, 1.0)
+    var = max(moments["sumsq"] - n * mean * mean, 0.0) / max(n - unbiased, 1.0)
+    return mean, var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,
+                  moments: dict[str, float] | None = None) -> torch.Tensor:  # fmt: skip
     """``x`` scaled to unit variance (and zero mean unless not ``shift_mean``) over the masked
-    positions; masked-out positions come back as 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    positions; masked-out positions come back as 0. ``moments``: the statistics to whiten with
+    (default: ``masked_moments(x, mask)``; with several processes, those of all of them)."""
+    mean, var = mean_var(masked_moments(x, mask) if moments is None else moments)
+    out = (x - mean) * (var + 1e-8) ** -0.5
     if not shift_mean:
         out = out + mean
     return out * mask

@@ -14,21 +14,22 @@ import time
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from direct_align.builtin.build import BuiltinSpec
 from direct_align.builtin.task import true_reward
 from direct_align.config import save_yaml, uses_bf16
 from direct_align.data.prompts import load_prompts
+from direct_align.distributed import NullTracker, make_accelerator, quiet_unless_main
 from direct_align.errors import ConfigError
 from direct_align.evaluate import generation_report
 from direct_align.models.loading import load_causal_lm, load_tokenizer
 from direct_align.outputs import RunDir
-from direct_align.ppo.config import PPOConfig
+from direct_align.ppo.config import PPOConfig, check_processes
 from direct_align.ppo.models import ActorCritic
 from direct_align.ppo.train import Evaluator, fit_ppo
-from direct_align.rm.config import resolve_rm
+from direct_align.rm.config import BUILTIN_PRESET as RM_PRESET
+from direct_align.rm.config import RewardConfig, resolve_rm
 from direct_align.rm.model import load_reward_model
 from direct_align.rm.run import check_output_dir, run_train_rm
 from direct_align.run import _save_final, resolve_inputs
@@ -43,19 +44,25 @@ def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model.eval().to(device)
 
 
-def _train_builtin_rm(cfg: PPOConfig, run: RunDir) -> tuple[str, dict[str, Any]]:
-    """The RM stage on the built-in task's pairs: `direct-align train-rm` with its preset."""
-    out = run.path / "reward_model"
-    rm_cfg = resolve_rm({"output_dir": str(out), "seed": cfg.seed, "cache_dir": cfg.cache_dir,
-                         "label_noise": cfg.label_noise, "precision": cfg.precision,
-                         "report_to": "jsonl"})  # fmt: skip
-    log.info("reward model: training one on the built-in pairs into %s", out)
-    summary = run_train_rm(rm_cfg)
-    return str(out / "final"), summary
+def _builtin_rm_config(cfg: PPOConfig, run: RunDir, processes: int) -> RewardConfig:
+    """The RM stage on the built-in task's pairs: `direct-align train-rm` with its preset; with
+    several processes each step's pairs are dealt out among them in equal micro-batches."""
+    values = {"output_dir": str(run.path / "reward_model"), "seed": cfg.seed,
+              "cache_dir": cfg.cache_dir, "label_noise": cfg.label_noise,
+              "precision": cfg.precision, "report_to": "jsonl"}  # fmt: skip
+    if processes > 1:
+        pairs = RM_PRESET["batch_size"]
+        if pairs % processes:
+            raise ConfigError(f"the built-in reward model's steps of {pairs} pairs do not divide "
+                              f"among {processes} processes; train one with `direct-align "
+                              "train-rm` and pass --reward-model")  # fmt: skip
+        values |= {"batch_size": pairs // processes, "grad_accum": processes}
+    return resolve_rm(values)
 
 
-def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
-    """Train a policy with PPO as configured; returns the summary (also in ``summary.json``)."""
+def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
+    """Train a policy with PPO as configured; returns the summary (also in ``summary.json``),
+    or None in the processes other than the main one."""
     started, rss_at_start = time.time(), resident_mb()  # the runtime before any model
     run = RunDir(cfg.output_dir)
     check_output_dir(run, cfg.overwrite)
@@ -73,24 +80,35 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     if cfg.reward_model is not None:
         reward_model = load_reward_model(cfg.reward_model, tokenizer, option="--reward-model")
     policy = load_causal_lm(model_path)
+    accelerator = make_accelerator("bf16" if uses_bf16(cfg) else "no")
+    check_processes(cfg, accelerator.num_processes)
+    quiet_unless_main(accelerator)
+    main = accelerator.is_main_process
+    rm_cfg = None if cfg.reward_model else _builtin_rm_config(cfg, run, accelerator.num_processes)
 
-    # 2. outputs: only now is the output directory created or (with --overwrite) emptied
-    run.prepare(overwrite=cfg.overwrite)
-    run.checkpoints.rmdir()  # ppo writes no checkpoints; leave no empty folder
-    save_yaml(cfg, run.path / "config.yaml")
+    # 2. outputs: only now is the output directory created or (with --overwrite) emptied, by
+    #    the main process alone
+    accelerator.wait_for_everyone()
+    if main:
+        run.prepare(overwrite=cfg.overwrite)
+        run.checkpoints.rmdir()  # ppo writes no checkpoints; leave no empty folder
+        save_yaml(cfg, run.path / "config.yaml")
+    accelerator.wait_for_everyone()
     stages: dict[str, float] = {}
     rm_summary = None
     rm_path = cfg.reward_model
-    if rm_path is None:  # the RM stage of the pipeline
-        rm_path, rm_summary = _train_builtin_rm(cfg, run)
-        stages["reward_model_s"] = rm_summary["runtime_s"]
+    if rm_cfg is not None:  # the RM stage of the pipeline, in as many processes
+        log.info("reward model: training one on the built-in pairs into %s", rm_cfg.output_dir)
+        rm_started = time.time()
+        rm_summary = run_train_rm(rm_cfg)  # None in the other processes
+        rm_path = str(RunDir(rm_cfg.output_dir).final)
+        stages["reward_model_s"] = round(time.time() - rm_started, 1)
         reward_model = load_reward_model(rm_path, tokenizer)
 
     # 3. the models PPO holds: policy (+ value), reference, reward model, and maybe a critic
     ppo_started = time.time()
-    accelerator = Accelerator(mixed_precision="bf16" if uses_bf16(cfg) else "no")
     device = accelerator.device
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, device_specific=True)  # each process samples its own stream
     critic = load_reward_model(rm_path, tokenizer) if cfg.critic == "separate" else None
     actor_critic = ActorCritic(policy, critic)
     reference = _frozen(load_causal_lm(model_path), device)
@@ -100,7 +118,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
              "critic, " if critic is not None else "")  # fmt: skip
 
     evaluate: Evaluator | None = None
-    if assets is not None and cfg.dataset is None:  # the hidden reward of the built-in task
+    if main and assets is not None and cfg.dataset is None:  # the built-in task's hidden reward
         held_out = assets.held_out_prompts(cfg.eval_prompts)
 
         def evaluate(rollout: int) -> dict[str, float]:
@@ -111,12 +129,17 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
                      report["policy/true_reward"], report["policy/kl"])  # fmt: skip
             return {f"eval/{k}": v for k, v in report.items()}
 
-    tracker = Tracker(run.path, report_to=cfg.report_to, project=cfg.wandb_project,
-                      run_name=cfg.run_name or run.path.name, config=cfg.to_dict())  # fmt: skip
+    tracker = NullTracker()
+    if main:
+        tracker = Tracker(run.path, report_to=cfg.report_to, project=cfg.wandb_project,
+                          run_name=cfg.run_name or run.path.name, config=cfg.to_dict())  # fmt: skip
     try:
         state = fit_ppo(actor_critic, reference, reward_model, prompts, cfg=cfg,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                         accelerator=accelerator, tracker=tracker, evaluate=evaluate)  # fmt: skip
+        accelerator.wait_for_everyone()
+        if not main:  # the main process writes final/ and the summary
+            return None
         policy = accelerator.unwrap_model(actor_critic).policy
         _save_final(policy, tokenizer, run)
         stages["ppo_s"] = round(time.time() - ppo_started, 1)
@@ -125,6 +148,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
             "tokens_generated": state.tokens_generated, "prompts": len(prompts),
             "critic": cfg.critic, "kl_coef": cfg.kl_coef, "reward_model": rm_path,
             "models_in_memory": models_in_memory, "stages": stages, "rss_at_start_mb": rss_at_start,
+            "processes": accelerator.num_processes,
             "runtime_s": round(time.time() - started, 1),
             "train_runtime_s": round(state.train_seconds, 3),
         }  # fmt: skip

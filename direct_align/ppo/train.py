@@ -12,6 +12,12 @@ Per rollout (one PPO iteration):
 4. ``ppo_epochs`` passes over shuffled minibatches: clipped policy loss + vf_coef × clipped
    value loss, clipped gradients, AdamW, schedule;
 5. adapt β toward ``target_kl`` when one is set.
+
+Under a multi-process launcher each process samples, scores and updates on its share of every
+rollout's prompts (the rollout keeps its size); the statistics that must be global (score
+normalisation, advantage whitening, the KL the β controller sees, logged metrics) are summed
+over the processes, and each minibatch loss is weighted by the process's share of its tokens,
+so that DDP's averaged gradient is that of the whole minibatch.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
+from direct_align.distributed import NullTracker, my_share, sum_across
 from direct_align.errors import DirectAlignError
 from direct_align.ppo.config import PPOConfig
 from direct_align.ppo.core import (
@@ -31,7 +39,9 @@ from direct_align.ppo.core import (
     gae,
     kl_estimate,
     masked_mean,
+    masked_moments,
     masked_whiten,
+    mean_var,
     policy_loss,
     token_rewards,
     value_loss,
@@ -44,6 +54,8 @@ from direct_align.trainer import SCHEDULES, peak_memory_gb
 
 # (rollout index) → metrics logged at that rollout; the built-in task's held-out evaluation
 Evaluator = Callable[[int], dict[str, float]]
+# sums of this process → sums of all processes (the identity in one process)
+Reduce = Callable[[dict[str, float]], dict[str, float]]
 
 
 @dataclass
@@ -57,16 +69,21 @@ class PPOState:
 
 class ScoreNormalizer:
     """Standardises reward-model scores with the mean and std of the first batch it sees (the
-    initial policy's samples), then keeps them fixed, so β means the same all run long."""
+    initial policy's samples), then keeps them fixed, so β means the same all run long.
+    ``reduce`` sums statistics over the processes, so the batch is that of all of them."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, reduce: Reduce = lambda sums: sums) -> None:
         self.enabled = enabled
+        self.reduce = reduce
         self.mean, self.std = 0.0, 1.0
         self.fitted = not enabled
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """Standardised ``scores`` ``[B]``."""
         if not self.fitted:
-            self.mean, self.std = scores.mean().item(), max(scores.std().item(), 1e-6)
+            moments = self.reduce(masked_moments(scores, torch.ones_like(scores)))
+            mean, var = mean_var(moments, unbiased=True)
+            self.mean, self.std = mean, max(var**0.5, 1e-6)
             self.fitted = True
         return (scores - self.mean) / self.std
 
@@ -82,15 +99,31 @@ def _prompt_batches(prompt_ids: Sequence[list[int]], size: int, seed: int):  # n
         order = order[size:]
 
 
-def advantages_of(rollout: Rollout, scores: torch.Tensor, kl_coef: float,
-                  cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(advantages ``[B, R]``, returns ``[B, R]``, per-token KL ``[B, R]``) of a scored rollout."""
+def advantages_of(rollout: Rollout, scores: torch.Tensor, kl_coef: float, cfg: PPOConfig,
+                  reduce: Reduce = lambda sums: sums,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(advantages ``[B, R]``, returns ``[B, R]``, per-token KL ``[B, R]``) of a scored rollout;
+    advantages are whitened with the statistics of all processes' tokens (``reduce``)."""
     kl = kl_estimate(rollout.logprobs, rollout.ref_logprobs, cfg.kl_estimator) * rollout.mask
     rewards = token_rewards(scores, kl, rollout.mask, kl_coef)
     advantages, returns = gae(rewards, rollout.values, rollout.mask, gamma=cfg.gamma, lam=cfg.lam)
     if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, rollout.mask)
+        moments = reduce(masked_moments(advantages, rollout.mask))
+        advantages = masked_whiten(advantages, rollout.mask, moments=moments)
     return advantages, returns, kl
+
+
+def rollout_sums(rollout: Rollout, raw: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor,
+                 returns: torch.Tensor) -> dict[str, float]:  # fmt: skip
+    """Sums over this process's responses of what a rollout's metrics average (``raw`` and
+    ``scores`` ``[B]``: the reward model's and the normalised scores; ``kl`` and ``returns``
+    ``[B, R]``)."""
+    mask = rollout.mask
+    return {"responses": float(len(rollout)), "tokens": mask.sum().item(),
+            "kl": kl.sum().item(), "scores": raw.sum().item(),
+            "normalized_scores": scores.sum().item(), "ended": rollout.ended.sum().item(),
+            "values": (rollout.values * mask).sum().item(),
+            "returns": (returns * mask).sum().item()}  # fmt: skip
 
 
 def fit_ppo(
@@ -103,10 +136,11 @@ def fit_ppo(
     eos_token_id: int,
     pad_token_id: int,
     accelerator: Accelerator,
-    tracker: Tracker,
+    tracker: Tracker | NullTracker,
     evaluate: Evaluator | None = None,
 ) -> PPOState:
-    """Train ``actor_critic`` in place for ``cfg.rollouts`` iterations; returns the counters.
+    """Train ``actor_critic`` in place for ``cfg.rollouts`` iterations; returns the counters
+    (of all processes). ``evaluate`` runs where it is given (the main process).
 
     Raises :class:`DirectAlignError` on a non-finite loss, before it reaches the weights.
     """
@@ -119,54 +153,58 @@ def fit_ppo(
     scheduler = SCHEDULES[cfg.lr_scheduler](optimizer, num_warmup_steps=round(cfg.warmup_ratio * total),
                                             **kwargs)  # fmt: skip
     actor_critic, optimizer = accelerator.prepare(actor_critic, optimizer)
+    unwrapped = accelerator.unwrap_model(actor_critic)  # sampling and scoring need no DDP
+    reduce: Reduce = partial(sum_across, accelerator=accelerator)
     kl_ctl = KLController(cfg.kl_coef, target=cfg.target_kl, horizon=cfg.kl_horizon)
-    normalize = ScoreNormalizer(cfg.normalize_scores)
+    normalize = ScoreNormalizer(cfg.normalize_scores, reduce)
     batches = _prompt_batches(prompt_ids, cfg.rollout_batch_size, cfg.seed)
-    policy = accelerator.unwrap_model(actor_critic).policy
     state = PPOState()
     if evaluate is not None:
         tracker.log(evaluate(0), 0)
-    with progress(total=cfg.rollouts, desc="ppo", unit="rollout") as bar:
+    with progress(total=cfg.rollouts, desc="ppo", unit="rollout",
+                  disable=not accelerator.is_main_process) as bar:  # fmt: skip
         for it in range(1, cfg.rollouts + 1):
             start = time.perf_counter()
-            # 1-2. sample and score
-            rollout = generate(policy, next(batches), max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, eos_token_id=eos_token_id,
-                               pad_token_id=pad_token_id)  # fmt: skip
+            # 1-2. sample and score this process's share of the rollout's prompts
+            rollout = generate(unwrapped.policy, my_share(next(batches), accelerator),
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
             with accelerator.autocast():
-                rollout = score_rollout(rollout, actor_critic, reference, reward_model,
+                rollout = score_rollout(rollout, unwrapped, reference, reward_model,
                                         temperature=cfg.temperature,
                                         batch_size=cfg.rollout_batch_size)  # fmt: skip
             raw = rollout.scores
             scores = normalize(raw) - cfg.missing_eos_penalty * (~rollout.ended).float()
             # 3. rewards and advantages
-            advantages, returns, kl = advantages_of(rollout, scores, kl_ctl.value, cfg)
+            advantages, returns, kl = advantages_of(rollout, scores, kl_ctl.value, cfg, reduce)
             # 4. clipped updates
             update_metrics = _update(actor_critic, optimizer, scheduler, accelerator, rollout,
                                      advantages, returns, cfg, state)  # fmt: skip
-            # 5. β
-            seq_kl = kl.sum(1).mean().item()
+            # 5. β, from the KL of all processes' responses
+            sums = reduce(rollout_sums(rollout, raw, scores, kl, returns))
+            n = sums["responses"]
+            seq_kl = sums["kl"] / n
             metrics = {
                 "objective/kl": seq_kl,
-                "objective/scores": raw.mean().item(),
-                "objective/normalized_scores": scores.mean().item(),
+                "objective/scores": sums["scores"] / n,
+                "objective/normalized_scores": sums["normalized_scores"] / n,
                 "objective/non_score_reward": -kl_ctl.value * seq_kl,
-                "objective/rlhf_reward": scores.mean().item() - kl_ctl.value * seq_kl,
+                "objective/rlhf_reward": sums["normalized_scores"] / n - kl_ctl.value * seq_kl,
                 "objective/kl_coef": kl_ctl.value,
-                "objective/ended_with_eos": rollout.ended.float().mean().item(),
-                "objective/response_tokens": rollout.mask.sum(1).mean().item(),
-                "val/mean": masked_mean(rollout.values, rollout.mask).item(),
-                "val/returns": masked_mean(returns, rollout.mask).item(),
+                "objective/ended_with_eos": sums["ended"] / n,
+                "objective/response_tokens": sums["tokens"] / n,
+                "val/mean": sums["values"] / sums["tokens"],
+                "val/returns": sums["returns"] / sums["tokens"],
                 **update_metrics,
             }  # fmt: skip
-            kl_ctl.update(seq_kl, len(rollout))
+            kl_ctl.update(seq_kl, int(n))
             state.rollouts = it
-            state.responses += len(rollout)
-            state.tokens_generated += int(rollout.mask.sum())
+            state.responses += int(n)
+            state.tokens_generated += int(sums["tokens"])
             elapsed = time.perf_counter() - start
             state.train_seconds += elapsed
             metrics |= {"train/lr": scheduler.get_last_lr()[0],
-                        "perf/responses_per_s": len(rollout) / elapsed,
+                        "perf/responses_per_s": n / elapsed,
                         "perf/tokens_generated": state.tokens_generated,
                         "perf/peak_mem_gb": peak_memory_gb(device)}  # fmt: skip
             if it % cfg.log_every == 0 or it == cfg.rollouts:
@@ -183,13 +221,20 @@ def _update(actor_critic: ActorCritic, optimizer: torch.optim.Optimizer, schedul
             accelerator: Accelerator, rollout: Rollout, advantages: torch.Tensor,
             returns: torch.Tensor, cfg: PPOConfig, state: PPOState) -> dict[str, float]:  # fmt: skip
     """``cfg.ppo_epochs`` passes of clipped updates over shuffled minibatches of ``rollout``;
-    returns the means of the minibatches' losses and diagnostics."""
+    returns the means of the minibatches' losses and diagnostics over all processes.
+
+    With several processes each takes ``mini_batch_size / processes`` of its own responses per
+    step (so all make the same number of passes, as DDP requires); its loss, a mean over its
+    tokens, is weighted by its share of the minibatch's tokens times the process count, so that
+    DDP's average is the gradient of the mean over all the minibatch's tokens.
+    """
     width = rollout.query.shape[1]
+    processes = accelerator.num_processes
     sums: dict[str, float] = {}
     n = 0
     actor_critic.train()
     for _ in range(cfg.ppo_epochs):
-        for index in torch.randperm(len(rollout)).split(cfg.mini_batch_size):
+        for index in torch.randperm(len(rollout)).split(cfg.mini_batch_size // processes):
             mb = rollout.select(index)
             with accelerator.autocast():
                 logps, entropy, values = actor_critic(mb.input_ids, mb.attention_mask, width,
@@ -199,10 +244,15 @@ def _update(actor_critic: ActorCritic, optimizer: torch.optim.Optimizer, schedul
             vf_loss, vf_clipfrac = value_loss(values, mb.values, returns[index], mb.mask,
                                               cfg.value_clip_range)  # fmt: skip
             loss = pg_loss + cfg.vf_coef * vf_loss
-            if not torch.isfinite(loss):
+            tokens = mb.mask.sum().item()
+            shared = sum_across({"tokens": tokens, "non_finite": float(not torch.isfinite(loss))},
+                                accelerator)  # fmt: skip
+            if shared["non_finite"]:
                 raise DirectAlignError(f"rollout {state.rollouts + 1}: the PPO loss is "
-                                       f"{loss.item()} (non-finite); the weights were not updated")  # fmt: skip
-            accelerator.backward(loss)
+                                       f"{loss.item()} in process {accelerator.process_index} "
+                                       "(non-finite in some process); the weights were not "
+                                       "updated")  # fmt: skip
+            accelerator.backward(loss * (tokens / shared["tokens"] * processes))
             grad_norm = accelerator.clip_grad_norm_(actor_critic.parameters(),
                                                     cfg.max_grad_norm or 1e30)  # fmt: skip
             optimizer.step()
@@ -216,4 +266,4 @@ def _update(actor_critic: ActorCritic, optimizer: torch.optim.Optimizer, schedul
             for key, value in step.items():
                 sums[key] = sums.get(key, 0.0) + value
             n += 1
-    return {key: value / n for key, value in sums.items()}
+    return {key: value / (n * processes) for key, value in sum_across(sums, accelerator).items()}

@@ -11,13 +11,18 @@ import time
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from direct_align.builtin.task import true_reward
 from direct_align.config import save_yaml, uses_bf16
 from direct_align.data import PairDataset, prepare_pairs
+from direct_align.distributed import (
+    NullTracker,
+    check_process_count,
+    make_accelerator,
+    quiet_unless_main,
+)
 from direct_align.errors import ConfigError
 from direct_align.models.loading import load_tokenizer
 from direct_align.outputs import RunDir
@@ -48,8 +53,10 @@ def _prepare(source: str, tokenizer: PreTrainedTokenizerBase, cfg: RewardConfig,
     return data.pairs
 
 
-def run_train_rm(cfg: RewardConfig) -> dict[str, Any]:
-    """Train a reward model as configured; returns the summary (also in ``summary.json``)."""
+def run_train_rm(cfg: RewardConfig) -> dict[str, Any] | None:
+    """Train a reward model as configured; returns the summary (also in ``summary.json``), or
+    None in the processes other than the main one. Under a multi-process launcher the
+    micro-batches of each step are dealt out among the processes (as `train` does)."""
     started, rss_at_start = time.time(), resident_mb()  # the runtime before any model
     run = RunDir(cfg.output_dir)
     check_output_dir(run, cfg.overwrite)
@@ -69,39 +76,52 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, Any]:
 
     # 2. the model: the trunk of the causal LM and a fresh scalar head, seeded
     bf16 = uses_bf16(cfg)  # reads only cfg.precision
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    accelerator = make_accelerator("bf16" if bf16 else "no")
+    check_process_count(cfg.grad_accum, accelerator)
+    quiet_unless_main(accelerator)
+    main = accelerator.is_main_process
     set_seed(cfg.seed)
     model = load_reward_model(model_path, tokenizer)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
-    # 3. outputs: only now is the output directory created or (with --overwrite) emptied
-    run.prepare(overwrite=cfg.overwrite)
-    run.checkpoints.rmdir()  # train-rm writes no checkpoints; leave no empty folder
-    save_yaml(cfg, run.path / "config.yaml")
-    tracker = Tracker(run.path, report_to=cfg.report_to, project=cfg.wandb_project,
-                      run_name=cfg.run_name or run.path.name, config=cfg.to_dict())  # fmt: skip
+    # 3. outputs: only now is the output directory created or (with --overwrite) emptied, by
+    #    the main process alone
+    accelerator.wait_for_everyone()
+    tracker = NullTracker()
+    if main:
+        run.prepare(overwrite=cfg.overwrite)
+        run.checkpoints.rmdir()  # train-rm writes no checkpoints; leave no empty folder
+        save_yaml(cfg, run.path / "config.yaml")
+        tracker = Tracker(run.path, report_to=cfg.report_to, project=cfg.wandb_project,
+                          run_name=cfg.run_name or run.path.name, config=cfg.to_dict())  # fmt: skip
     try:
         state, initial, final = fit_rm(model, train, evals, cfg=cfg, accelerator=accelerator,
                                        tracker=tracker, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        model = accelerator.unwrap_model(model)
-        _save_final(model, tokenizer, run)
-        summary: dict[str, Any] = {
-            "steps": state.step, "epochs": state.pairs_seen / len(train),
-            "train_pairs": len(train), "eval_pairs": len(evals),
-            "center_rewards_coef": cfg.center_rewards_coef, "rss_at_start_mb": rss_at_start,
-            "initial": {f"eval/{k}": v for k, v in initial.metrics.items()},
-            "final": {f"eval/{k}": v for k, v in final.metrics.items()},
-            "runtime_s": round(time.time() - started, 1),
-            "train_runtime_s": round(state.train_seconds, 3),
-            "train_samples_per_s": round(state.pairs_seen / max(state.train_seconds, 1e-9), 4),
-        }  # fmt: skip
-        if builtin_eval:
-            summary["builtin"] = {"initial": hidden_reward_agreement(evals, initial, tokenizer),
-                                  "final": hidden_reward_agreement(evals, final, tokenizer)}  # fmt: skip
-        hidden = summary.get("builtin", {}).get("final", {})
-        tracker.summary({**summary["final"], **{f"true_reward/{k}": v for k, v in hidden.items()}})
-        run.write_json("summary.json", summary)
+        accelerator.wait_for_everyone()
+        summary: dict[str, Any] | None = None
+        if main:  # the main process writes final/ and the summary
+            model = accelerator.unwrap_model(model)
+            _save_final(model, tokenizer, run)
+            summary = {
+                "steps": state.step, "epochs": state.pairs_seen / len(train),
+                "train_pairs": len(train), "eval_pairs": len(evals),
+                "center_rewards_coef": cfg.center_rewards_coef, "rss_at_start_mb": rss_at_start,
+                "initial": {f"eval/{k}": v for k, v in initial.metrics.items()},
+                "final": {f"eval/{k}": v for k, v in final.metrics.items()},
+                "processes": accelerator.num_processes,
+                "runtime_s": round(time.time() - started, 1),
+                "train_runtime_s": round(state.train_seconds, 3),
+                "train_samples_per_s": round(state.pairs_seen / max(state.train_seconds, 1e-9), 4),
+            }  # fmt: skip
+            if builtin_eval:
+                summary["builtin"] = {"initial": hidden_reward_agreement(evals, initial, tokenizer),
+                                      "final": hidden_reward_agreement(evals, final, tokenizer)}  # fmt: skip
+            hidden = summary.get("builtin", {}).get("final", {})
+            tracker.summary({**summary["final"],
+                             **{f"true_reward/{k}": v for k, v in hidden.items()}})  # fmt: skip
+            run.write_json("summary.json", summary)
+        accelerator.wait_for_everyone()  # final/ is complete for every process (ppo loads it)
         return summary
     finally:
         tracker.close()

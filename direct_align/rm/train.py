@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 
 from direct_align.data import PairDataset, collate_pairs
 from direct_align.data.batching import Batcher
+from direct_align.distributed import NullTracker, any_across, even_share, sum_across
 from direct_align.errors import DirectAlignError
 from direct_align.progress import progress
 from direct_align.rm.config import RewardConfig
@@ -35,11 +36,13 @@ def fit_rm(
     *,
     cfg: RewardConfig,
     accelerator: Accelerator,
-    tracker: Tracker,
+    tracker: Tracker | NullTracker,
     pad_token_id: int,
 ) -> tuple[TrainState, RewardEval, RewardEval]:
     """Train ``model`` in place; returns (state, eval before training, eval after training).
 
+    With several processes each takes its share of every step's micro-batches
+    (:func:`direct_align.distributed.my_share`), so the step is the same whatever their count.
     Raises :class:`DirectAlignError` on a non-finite loss, before it reaches the weights.
     """
     device = accelerator.device
@@ -53,8 +56,9 @@ def fit_rm(
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
 
-    def evaluate() -> RewardEval:
-        result = evaluate_rm(model, evals, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+    def evaluate() -> RewardEval:  # every process scores all pairs (replicas are identical)
+        result = evaluate_rm(accelerator.unwrap_model(model), evals,
+                             batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                              pad_token_id=pad_token_id, device=device,
                              center_coef=cfg.center_rewards_coef, autocast=accelerator.autocast)  # fmt: skip
         tracker.log({f"eval/{k}": v for k, v in result.metrics.items()}, state.step)
@@ -63,29 +67,18 @@ def fit_rm(
     initial = evaluate()
     window = LogWindow()
     groups = step_groups(batcher, cfg.grad_accum, state)
-    with progress(total=total, desc="train (reward model)", unit="step") as bar:
+    with progress(total=total, desc="train (reward model)", unit="step",
+                  disable=not accelerator.is_main_process) as bar:  # fmt: skip
         while state.step < total:
             # 1. forward and backward over the step's micro-batches
             group = next(groups)
             step_start = time.perf_counter()
             n_pairs = sum(map(len, group))
-            step_metrics: dict[str, float] = {}
-            model.train()
-            for k, index in enumerate(group):
-                batch = collate_pairs(train, index, pad_token_id).to(device)
-                sync = k == len(group) - 1
-                with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                    chosen, rejected = pair_rewards(model, batch)
-                    loss, metrics = bradley_terry_loss(chosen, rejected,
-                                                       center_coef=cfg.center_rewards_coef)  # fmt: skip
-                if not torch.isfinite(loss):
-                    raise DirectAlignError(f"step {state.step + 1}: the loss is {loss.item()} "
-                                           "(non-finite); the weights were not updated")  # fmt: skip
-                accelerator.backward(loss * len(index) / n_pairs)
-                for key, value in {"loss": loss.item(), **metrics}.items():
-                    step_metrics[key] = step_metrics.get(key, 0.0) + value * len(index) / n_pairs
-                window.tokens += int(batch.attention_mask.sum())
-                state.micro += 1
+            step_metrics, tokens = _forward_backward(model, train, group, cfg=cfg,
+                                                     accelerator=accelerator,
+                                                     pad_token_id=pad_token_id, step=state.step + 1)  # fmt: skip
+            window.tokens += tokens
+            state.micro += len(group)
             # 2. clip, step, schedule
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or 1e30)
             optimizer.step()
@@ -107,3 +100,36 @@ def fit_rm(
                 evaluate()
     final = evaluate()
     return state, initial, final
+
+
+def _forward_backward(model: PreTrainedModel, train: PairDataset, group: list[list[int]], *,
+                      cfg: RewardConfig, accelerator: Accelerator, pad_token_id: int,
+                      step: int) -> tuple[dict[str, float], int]:  # fmt: skip
+    """Forward and backward of this process's share of the micro-batches ``group`` (pair
+    indices into ``train``; :func:`even_share`); returns (the step's pair-weighted metrics
+    summed over the processes, tokens of all processes). Each loss is weighted by its share of
+    the step's pairs and scaled by the process count, which DDP's gradient averaging undoes."""
+    n_pairs = sum(map(len, group))
+    local = even_share(group, accelerator)
+    scale = accelerator.num_processes
+    step_metrics: dict[str, float] = {}
+    tokens = 0
+    model.train()
+    for k, (index, real) in enumerate(local):
+        batch = collate_pairs(train, index, pad_token_id).to(accelerator.device)
+        sync = k == len(local) - 1
+        with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+            chosen, rejected = pair_rewards(model, batch)
+            loss, metrics = bradley_terry_loss(chosen, rejected,
+                                               center_coef=cfg.center_rewards_coef)  # fmt: skip
+        if any_across(not torch.isfinite(loss), accelerator):
+            raise DirectAlignError(f"step {step}: the loss is {loss.item()} in process "
+                                   f"{accelerator.process_index} (non-finite); the weights were "
+                                   "not updated")  # fmt: skip
+        weight = len(index) / n_pairs * real  # a stand-in (not real) only keeps DDP in step
+        accelerator.backward(loss * weight * scale)
+        for key, value in {"loss": loss.item(), **metrics}.items():
+            step_metrics[key] = step_metrics.get(key, 0.0) + value * weight
+        tokens += int(batch.attention_mask.sum()) * real
+    totals = sum_across({**step_metrics, "tokens": float(tokens)}, accelerator)
+    return totals, int(totals.pop("tokens"))
