@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate.utils import DistributedType
 
 from direct_align.errors import ConfigError
 
@@ -24,10 +26,30 @@ T = TypeVar("T")
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
     """The Accelerator of a run; several processes without CUDA (e.g. ``torchrun`` on CPUs)
-    join one gloo group, which accelerate does only when told the run is on CPUs."""
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision,
-                       cpu=several and not torch.cuda.is_available())  # fmt: skip
+    join one gloo group, which accelerate does only when told the run is on CPUs.
+
+    accelerate turns FSDP on (``ACCELERATE_USE_FSDP``, set by ``accelerate launch`` with an FSDP
+    config) only on accelerator devices and silently runs plain data parallel on CPUs; there the
+    run is switched to FSDP by hand (:func:`_fsdp_on_cpus`), so that a CPU run shards too."""
+    cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpus)
+    if cpus and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _fsdp_on_cpus(accelerator)
+    return accelerator
+
+
+def _fsdp_on_cpus(accelerator: Accelerator) -> None:
+    """What accelerate's state does for FSDP on GPUs (``AcceleratorState.__init__``), on CPUs:
+    the plugin read from the ``FSDP_*`` variables, its mixed precision, and the FSDP type that
+    makes ``prepare``, ``save_state``/``load_state`` and ``get_state_dict`` take the FSDP paths.
+    torch's FSDP runs on CPUs with gloo."""
+    state = accelerator.state
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    # every later AcceleratorState() copies PartialState's type over its own: set both
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
 
 
 def is_main_rank() -> bool:
@@ -94,3 +116,48 @@ class NullTracker:
 
     def close(self) -> None:
         pass
+
+
+def shards(accelerator: Accelerator) -> bool:
+    """Whether the run shards the policy with FSDP."""
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def refuse_sharding(command: str, accelerator: Accelerator) -> None:
+    """``command`` samples or scores with the policy outside the training step, which a sharded
+    (FSDP) policy cannot do in one process: refuse FSDP in one line."""
+    if shards(accelerator):
+        raise ConfigError(f"{command} does not run under FSDP yet (only `direct-align train` "
+                          "offline does); use DDP (configs/accelerate/ddp.yaml) or LoRA")  # fmt: skip
+
+
+def gathered_state_dict(model: torch.nn.Module, accelerator: Accelerator,
+                        prefix: str = "model.") -> dict[str, torch.Tensor] | None:  # fmt: skip
+    """Under FSDP, the whole (unsharded) state dict of the prepared ``model``'s submodule at
+    ``prefix`` (the causal LM inside a :class:`PreferenceModel`), gathered to the main process,
+    which alone gets the tensors (on CPU). A collective: every process must call it. None when
+    the run does not shard, where the model's own weights are whole."""
+    if not shards(accelerator):
+        return None
+    state = accelerator.get_state_dict(model)
+    state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    # tied weights (embeddings and LM head) come back as copies; one tensor again, so that
+    # save_pretrained writes them once, as it does for a model that was not sharded
+    first: dict[int, str] = {}
+    inner = accelerator.unwrap_model(model).get_submodule(prefix.rstrip("."))
+    for name, param in inner.named_parameters(remove_duplicate=False):
+        tied_to = first.setdefault(id(param), name)
+        if tied_to != name and tied_to in state and name in state:
+            state[name] = state[tied_to]
+    return state
+
+
+def check_resumable(checkpoint: Path, accelerator: Accelerator) -> None:
+    """A checkpoint written under FSDP (``pytorch_model_fsdp_*``) loads only under FSDP, and
+    one written without FSDP only without it: say so before any work."""
+    sharded = any(checkpoint.glob("pytorch_model_fsdp_*"))
+    fsdp = shards(accelerator)
+    if sharded != fsdp:
+        raise ConfigError(f"--resume: {checkpoint} was written {'with' if sharded else 'without'} "
+                          f"FSDP and this run is {'' if fsdp else 'not '}under FSDP; resume it "
+                          f"{'under FSDP (e.g. configs/accelerate/fsdp.yaml)' if sharded else 'without FSDP'}")  # fmt: skip

@@ -22,6 +22,7 @@ from direct_align.distributed import (
     check_process_count,
     make_accelerator,
     quiet_unless_main,
+    refuse_sharding,
 )
 from direct_align.errors import ConfigError
 from direct_align.models.loading import load_causal_lm, load_tokenizer
@@ -62,6 +63,7 @@ def run_online(cfg: TrainConfig) -> dict[str, Any] | None:
     prompts = load_prompts(source, cfg.split if cfg.dataset else None)
     log.info("prompts: %d from %s", len(prompts), source)
     accelerator = make_accelerator("bf16" if uses_bf16(cfg) else "no")
+    refuse_sharding("direct-align train --online", accelerator)
     check_process_count(cfg.grad_accum, accelerator)
     if cfg.prompts_per_round < accelerator.num_processes:
         raise ConfigError(f"--prompts-per-round {cfg.prompts_per_round} is fewer than the "

@@ -28,8 +28,11 @@ from direct_align.data import PairDataset, PreparedData, prepare_pairs
 from direct_align.distributed import (
     NullTracker,
     check_process_count,
+    check_resumable,
+    gathered_state_dict,
     make_accelerator,
     quiet_unless_main,
+    shards,
 )
 from direct_align.errors import ConfigError, DataError
 from direct_align.evaluate import generation_report
@@ -160,6 +163,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
     bf16 = uses_bf16(cfg)
     accelerator = make_accelerator("bf16" if bf16 else "no")
     check_process_count(cfg.grad_accum, accelerator)
+    if cfg.resume:
+        check_resumable(run.last_checkpoint(), accelerator)
+    if cfg.lora_r is not None and cfg.lora_save == "merged" and shards(accelerator):
+        raise ConfigError("--lora-save merged is not supported under FSDP; save the adapter")
     quiet_unless_main(accelerator)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
@@ -194,10 +201,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
         if not finished:
             return None
         accelerator.wait_for_everyone()
+        whole = gathered_state_dict(policy, accelerator)  # FSDP: all processes gather
         if not main:  # the main process writes final/ and the summary
             return None
         model = accelerator.unwrap_model(policy).model
-        _save_final(model, tokenizer, run, cfg.lora_save)
+        _save_final(model, tokenizer, run, cfg.lora_save, whole)
         initial = _first_eval(run)  # step 0, also when logged before a resume
         summary: dict[str, Any] = {
             "loss": cfg.loss, "beta": cfg.beta, "steps": state.step,
@@ -210,8 +218,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
             "train_runtime_s": round(state.train_seconds, 3),
             "train_samples_per_s": round(state.pairs_seen / max(state.train_seconds, 1e-9), 4),
         }  # fmt: skip
-        if cfg.dataset is None:
-            summary["builtin"] = _builtin_report(model, model_path, tokenizer, assets, cfg)
+        if cfg.dataset is None:  # a sharded policy generates only in all processes at once
+            unsharded = model if whole is None else load_causal_lm(str(run.final))
+            summary["builtin"] = _builtin_report(unsharded, model_path, tokenizer, assets, cfg)
         tracker.summary({**eval_metrics, **summary.get("builtin", {})})
         run.write_json("summary.json", summary)
         return summary
@@ -250,11 +259,13 @@ def _first_eval(run: RunDir) -> dict[str, float]:
     return {}
 
 
-def _save_final(model: Any, tokenizer: Any, run: RunDir, how: str = "adapter") -> None:
-    """``final/``, written whole or not at all; ``how``: a LoRA policy's adapter or merged model."""
+def _save_final(model: Any, tokenizer: Any, run: RunDir, how: str = "adapter",
+                state_dict: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+    """``final/``, written whole or not at all; ``how``: a LoRA policy's adapter or merged model;
+    ``state_dict``: the weights gathered from a sharded (FSDP) ``model``."""
     tmp = run.final.with_name("final.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_final(model, tokenizer, tmp, how)
+    save_final(model, tokenizer, tmp, how, state_dict)
     os.replace(tmp, run.final)
     log.info("saved %s", run.final)
 

@@ -144,6 +144,22 @@ class PreferenceModel(nn.Module):
                 raise ConfigError(f"{type(model).__name__} transforms its logits "
                                   f"({', '.join(transforms)}); use --no-chunked-logprobs")  # fmt: skip
 
+    # FSDP sees the module it wraps, this one: accelerate shards each class the model lists in
+    # _no_split_modules (its decoder layers) as a unit, puts tied embeddings in one unit, and
+    # re-ties them after moving the model to the meta device.
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        return getattr(self.model, "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
+
+    def tie_weights(self) -> None:
+        self.model.tie_weights()
+
     def forward(self, batch: TokenBatch) -> SequenceLogps:
         inputs = self._inputs(batch)
         if self.chunked:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
@@ -148,20 +149,24 @@ def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_final(model: Any, tokenizer: Any, path: Path, how: str = "adapter") -> None:
+def save_final(model: Any, tokenizer: Any, path: Path, how: str = "adapter",
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
     """Write ``model`` and ``tokenizer`` to the directory ``path``.
 
     A peft model is saved as its adapter (``adapter_config.json``, ``adapter_model.safetensors``;
     load with ``peft.AutoPeftModelForCausalLM`` or ``PeftModel.from_pretrained(base, path)``) or,
     with ``how="merged"``, as a full model with the adapters merged into the weights (load with
-    ``AutoModelForCausalLM``). Any other model is saved whole.
+    ``AutoModelForCausalLM``). Any other model is saved whole. ``state_dict``: ``model``'s
+    weights gathered whole, where its own are sharded (FSDP).
     """
     if not is_peft(model):
-        model.save_pretrained(path)
+        model.save_pretrained(path, state_dict=state_dict)
     elif how == "merged":
+        if state_dict is not None:  # run_train refuses this before training
+            raise ConfigError("--lora-save merged is not supported under FSDP")
         model.get_base_model().save_pretrained(path, state_dict=merged_state_dict(model))
     else:
-        model.save_pretrained(path)
+        model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
 
 
@@ -172,8 +177,9 @@ def trained_only_checkpoints(accelerator: Accelerator, model: nn.Module) -> dict
 
     Loading checks that a checkpoint holds exactly this run's trained parameters.
     """
-    if all(p.requires_grad for p in model.parameters()):
-        return {}
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded or all(p.requires_grad for p in model.parameters()):
+        return {}  # FSDP and DeepSpeed write checkpoints their own way
 
     def trained(m: nn.Module) -> set[str]:
         return {name for name, p in m.named_parameters() if p.requires_grad}

@@ -20,7 +20,12 @@ from direct_align.builtin.build import BuiltinSpec
 from direct_align.builtin.task import true_reward
 from direct_align.config import save_yaml, uses_bf16
 from direct_align.data.prompts import load_prompts
-from direct_align.distributed import NullTracker, make_accelerator, quiet_unless_main
+from direct_align.distributed import (
+    NullTracker,
+    make_accelerator,
+    quiet_unless_main,
+    refuse_sharding,
+)
 from direct_align.errors import ConfigError
 from direct_align.evaluate import generation_report
 from direct_align.models.loading import load_causal_lm, load_tokenizer
@@ -81,6 +86,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
         reward_model = load_reward_model(cfg.reward_model, tokenizer, option="--reward-model")
     policy = load_causal_lm(model_path)
     accelerator = make_accelerator("bf16" if uses_bf16(cfg) else "no")
+    refuse_sharding("direct-align ppo", accelerator)
     check_processes(cfg, accelerator.num_processes)
     quiet_unless_main(accelerator)
     main = accelerator.is_main_process

@@ -22,6 +22,7 @@ from direct_align.distributed import (
     check_process_count,
     make_accelerator,
     quiet_unless_main,
+    refuse_sharding,
 )
 from direct_align.errors import ConfigError
 from direct_align.models.loading import load_tokenizer
@@ -77,6 +78,7 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, Any] | None:
     # 2. the model: the trunk of the causal LM and a fresh scalar head, seeded
     bf16 = uses_bf16(cfg)  # reads only cfg.precision
     accelerator = make_accelerator("bf16" if bf16 else "no")
+    refuse_sharding("direct-align train-rm", accelerator)
     check_process_count(cfg.grad_accum, accelerator)
     quiet_unless_main(accelerator)
     main = accelerator.is_main_process

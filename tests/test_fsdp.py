@@ -1,0 +1,66 @@
+"""Two CPU processes (gloo) under FSDP (full shard, one unit per decoder layer, as
+configs/accelerate/fsdp.yaml sets it) train what one plain process trains with the same global
+batch, through a sharded checkpoint and --resume, and gather final/ whole."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
+from test_distributed import train, weights
+from transformers import AutoModelForCausalLM
+
+from direct_align.distributed import check_resumable, refuse_sharding
+from direct_align.errors import ConfigError
+from prefdata import rows, write_jsonl
+
+# what `accelerate launch --config_file configs/accelerate/fsdp.yaml` exports, in fp32
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+            "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_RESHARD_AFTER_FORWARD": "true",
+            "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+            "FSDP_SYNC_MODULE_STATES": "true"}  # fmt: skip
+
+
+def test_fsdp_on_two_processes_trains_what_one_process_trains(tmp_path, tiny_model_dir,
+                                                               monkeypatch) -> None:  # fmt: skip
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows("standard", 60, seed=4))
+    train(1, tmp_path / "one", tiny_model_dir, data, tmp_path / "cache1")
+    for name, value in FSDP_ENV.items():
+        monkeypatch.setenv(name, value)
+    # 2 of the 4 steps, a sharded checkpoint, then the rest after --resume
+    split = tmp_path / "fsdp"
+    train(2, split, tiny_model_dir, data, tmp_path / "cache2", "--max-steps-per-run", "2")
+    checkpoint = split / "checkpoints" / "step-000002"
+    assert (checkpoint / "pytorch_model_fsdp_0" / "__1_0.distcp").is_file()  # one part each
+    train(2, split, tiny_model_dir, data, tmp_path / "cache2", "--resume")
+
+    one, two = weights(tmp_path / "one"), weights(split)
+    assert one.keys() == two.keys()  # whole, tied embeddings written once
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert any(not torch.equal(one[k], initial[k]) for k in one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(split / "final")
+    torch.testing.assert_close(model.state_dict()["lm_head.weight"], one["model.embed_tokens.weight"])
+
+
+def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tmp_path) -> None:
+    fsdp, plain = (SimpleNamespace(distributed_type=t) for t in (DistributedType.FSDP,
+                                                                 DistributedType.MULTI_CPU))  # fmt: skip
+    (tmp_path / "pytorch_model_fsdp_0").mkdir()
+    check_resumable(tmp_path, fsdp)
+    with pytest.raises(ConfigError, match="written with FSDP and this run is not under FSDP"):
+        check_resumable(tmp_path, plain)
+    (tmp_path / "pytorch_model_fsdp_0").rmdir()
+    check_resumable(tmp_path, plain)
+    with pytest.raises(ConfigError, match="written without FSDP and this run is under FSDP"):
+        check_resumable(tmp_path, fsdp)
+
+
+def test_commands_that_sample_with_the_policy_refuse_fsdp() -> None:
+    with pytest.raises(ConfigError, match="direct-align ppo does not run under FSDP yet"):
+        refuse_sharding("direct-align ppo", SimpleNamespace(distributed_type=DistributedType.FSDP))
+    refuse_sharding("direct-align ppo", SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
