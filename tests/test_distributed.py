@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo) train exactly what one process trains with the same global batch,
-and a run checkpointed by two processes resumes in one."""
+"""Two CPU processes (gloo; torchrun, and accelerate launch with configs/accelerate/ddp.yaml)
+train exactly what one process trains with the same global batch, a run checkpointed by two
+processes resumes in one, and online training, label and select share their work out."""
 
 from __future__ import annotations
 
@@ -31,26 +32,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(processes: int, args: list[str], env: dict[str, str],
-           check: bool = True) -> subprocess.CompletedProcess:  # fmt: skip
-    """`direct-align ARGS` in ``processes`` processes (torchrun, gloo on CPU)."""
+ROOT = Path(__file__).parents[1]
+
+
+def launch(processes: int, args: list[str], env: dict[str, str], check: bool = True,
+           config: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """`direct-align ARGS` in ``processes`` processes (gloo on CPU): torchrun, or with a
+    ``config`` of configs/accelerate/ `accelerate launch --config_file` it, as users run it."""
     command = [sys.executable, "-m", "direct_align"]
-    if processes > 1:
+    if config is not None:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ROOT / "configs" / "accelerate" / config), "--num_processes",
+                   str(processes), "--mixed_precision", "no", "--main_process_port",
+                   str(_free_port()), "-m", "direct_align"]  # fmt: skip
+    elif processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                    f"--master_port={_free_port()}", "-m", "direct_align"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
-           **env}  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
     result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result
 
 
-def train(processes: int, out: Path, model: Path, data: Path, cache: Path,
-          *extra: str) -> subprocess.CompletedProcess:  # fmt: skip
-    """`direct-align train` (offline) in ``processes`` processes."""
+def train(processes: int, out: Path, model: Path, data: Path, cache: Path, *extra: str,
+          config: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """`direct-align train` (offline) in ``processes`` processes (see :func:`launch`)."""
     return launch(processes, ["train", "--model", str(model), "--dataset", str(data),
                               "--output-dir", str(out), *ARGS, *extra],
-                  {"DIRECT_ALIGN_CACHE": str(cache)})  # fmt: skip
+                  {"DIRECT_ALIGN_CACHE": str(cache)}, config=config)  # fmt: skip
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -74,7 +83,8 @@ def setup(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path, Path]:
 def test_two_processes_match_one_with_the_same_global_batch(setup) -> None:
     model, data, tmp = setup
     train(1, tmp / "one", model, data, tmp / "cache1")
-    result = train(2, tmp / "two", model, data, tmp / "cache2")
+    # as users launch it: accelerate launch with the shipped data-parallel config
+    result = train(2, tmp / "two", model, data, tmp / "cache2", config="ddp.yaml")
     one, two = weights(tmp / "one"), weights(tmp / "two")
     assert one.keys() == two.keys()
     initial = load_file(str(model / "model.safetensors"))

@@ -28,13 +28,15 @@ def test_fsdp_on_two_processes_trains_what_one_process_trains(tmp_path, tiny_mod
                                                                monkeypatch) -> None:  # fmt: skip
     data = write_jsonl(tmp_path / "pairs.jsonl", rows("standard", 60, seed=4))
     train(1, tmp_path / "one", tiny_model_dir, data, tmp_path / "cache1")
-    for name, value in FSDP_ENV.items():
-        monkeypatch.setenv(name, value)
-    # 2 of the 4 steps, a sharded checkpoint, then the rest after --resume
+    # 2 of the 4 steps, a sharded checkpoint, then the rest after --resume: first launched as
+    # users do, with the shipped config, then with torchrun and the variables it sets
     split = tmp_path / "fsdp"
-    train(2, split, tiny_model_dir, data, tmp_path / "cache2", "--max-steps-per-run", "2")
+    train(2, split, tiny_model_dir, data, tmp_path / "cache2", "--max-steps-per-run", "2",
+          config="fsdp.yaml")  # fmt: skip
     checkpoint = split / "checkpoints" / "step-000002"
     assert (checkpoint / "pytorch_model_fsdp_0" / "__1_0.distcp").is_file()  # one part each
+    for name, value in FSDP_ENV.items():
+        monkeypatch.setenv(name, value)
     train(2, split, tiny_model_dir, data, tmp_path / "cache2", "--resume")
 
     one, two = weights(tmp_path / "one"), weights(split)
