@@ -124,12 +124,17 @@ def score_pairs(
 
 def _sharded(score: Callable[[PairDataset], ReferenceLogps], pairs: PairDataset,
              accelerator: Accelerator) -> ReferenceLogps:  # fmt: skip
-    """``score`` of this process's share of ``pairs``, summed with the others' into the whole."""
-    mine = list(range(accelerator.process_index, len(pairs), accelerator.num_processes))
-    part = score(pairs.subset(mine))
-    whole = torch.zeros(2, len(pairs), dtype=torch.float32, device=accelerator.device)
-    whole[0, mine] = part.chosen.to(accelerator.device)
-    whole[1, mine] = part.rejected.to(accelerator.device)
+    """``score`` of this process's share of ``pairs``, summed with the others' into the whole.
+
+    Every process scores as many pairs (a short share repeats a pair, whose sums are dropped):
+    a sharded (FSDP) model communicates in every forward, so all must run as many.
+    """
+    n, world = len(pairs), accelerator.num_processes
+    mine = list(range(accelerator.process_index, n, world))
+    part = score(pairs.subset(mine + [0] * (-(-n // world) - len(mine))))
+    whole = torch.zeros(2, n, dtype=torch.float32, device=accelerator.device)
+    whole[0, mine] = part.chosen[: len(mine)].to(accelerator.device)
+    whole[1, mine] = part.rejected[: len(mine)].to(accelerator.device)
     whole = accelerator.reduce(whole, "sum").cpu()  # the shares are disjoint
     return ReferenceLogps(whole[0], whole[1])
 
@@ -192,15 +197,18 @@ def cached_reference_logps(
     device: torch.device,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     accelerator: Accelerator | None = None,
+    fingerprint: str | None = None,
 ) -> tuple[dict[str, ReferenceLogps], dict[str, str]]:
     """Reference sums of each split (e.g. train, eval), from the cache or computed and stored.
 
     With an ``accelerator`` of several processes, each scores every ``num_processes``-th pair,
     the sums are gathered into every process, and the main process writes the cache.
+    ``fingerprint``: the model's :func:`model_fingerprint`, taken before it was sharded (a
+    sharded model holds a part of its weights in each process).
     Returns ({split: sums}, {split: "reused <path>" | "computed <path>"}).
     """
     processes = accelerator.num_processes if accelerator is not None else 1
-    model_fp = model_fingerprint(model.model)
+    model_fp = fingerprint or model_fingerprint(model.model)
     parts = {"model": model_fp, "tokenizer": tokenizer_fingerprint(tokenizer),
              "format_version": FORMAT_VERSION, **settings}  # fmt: skip
     results: dict[str, ReferenceLogps] = {}

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,12 @@ from direct_align.models.lora import (
 )
 from direct_align.models.varlen import choose_attention, use_varlen_attention
 from direct_align.outputs import RunDir, read_state
-from direct_align.reference import ReferenceCache, cached_reference_logps
+from direct_align.reference import (
+    ReferenceCache,
+    ReferenceLogps,
+    cached_reference_logps,
+    model_fingerprint,
+)
 from direct_align.tracking import Tracker
 from direct_align.trainer import fit, resident_mb
 
@@ -171,26 +178,33 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     policy = load_policy(model_path, cfg, accelerator.device)
-    refs, ref_status = {}, {}
+    refs: dict[str, ReferenceLogps] | Callable[[PreferenceModel], dict[str, ReferenceLogps]] = {}
+    ref_status: dict[str, str] = {}
     if uses_reference(cfg):
-        reference = policy  # the initial policy; with LoRA, the base (adapters off below)
-        if cfg.ref_model:
-            ref_lm = load_causal_lm(cfg.ref_model, option="--ref-model")
-            reference = preference_model(ref_lm, cfg, accelerator.device)
-        reference.to(accelerator.device)
-        settings = {"precision": "bf16" if bf16 else "fp32"}
-        with adapters_disabled(reference):
-            refs, ref_status = cached_reference_logps(
-                reference, tokenizer, {"train": train, "eval": evals},
-                cache=ReferenceCache(cache_dir / "reference"), settings=settings,
-                batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, layout=cfg.layout,
-                pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
-                autocast=accelerator.autocast, accelerator=accelerator,
-            )  # fmt: skip
-        del reference
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        score = partial(cached_reference_logps, tokenizer=tokenizer,
+                        splits={"train": train, "eval": evals},
+                        cache=ReferenceCache(cache_dir / "reference"),
+                        settings={"precision": "bf16" if bf16 else "fp32"},
+                        batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, layout=cfg.layout,
+                        pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
+                        autocast=accelerator.autocast, accelerator=accelerator)  # fmt: skip
+        if shards(accelerator) and not cfg.ref_model:
+            # FSDP: no device holds the policy whole; the sharded initial policy scores the
+            # pairs in fit, before any step (so the output directory exists by then)
+            refs = partial(_score_sharded, score, fingerprint=model_fingerprint(policy.model),
+                           status=ref_status)  # fmt: skip
+        else:
+            reference = policy  # the initial policy; with LoRA, the base (adapters off below)
+            if cfg.ref_model:
+                ref_lm = load_causal_lm(cfg.ref_model, option="--ref-model")
+                reference = preference_model(ref_lm, cfg, accelerator.device)
+            reference.to(accelerator.device)
+            with adapters_disabled(reference):
+                refs, ref_status = score(reference)
+            del reference
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
     tracker = open_outputs(run, cfg, accelerator, "train_state")
@@ -245,6 +259,18 @@ def open_outputs(run: RunDir, cfg: TrainConfig, accelerator: Accelerator,
     return Tracker(run.path, report_to=cfg.report_to, project=cfg.wandb_project,
                    run_name=cfg.run_name or run.path.name, config=cfg.to_dict(),
                    resume_step=resume_step)  # fmt: skip
+
+
+def _score_sharded(score: Callable[..., tuple[dict[str, ReferenceLogps], dict[str, str]]],
+                   policy: PreferenceModel, *, fingerprint: str,
+                   status: dict[str, str]) -> dict[str, ReferenceLogps]:  # fmt: skip
+    """``score`` (:func:`cached_reference_logps`) of the prepared, sharded initial ``policy``
+    (with LoRA, its adapters off) under the ``fingerprint`` of its whole weights; the cache
+    status goes into ``status``."""
+    with adapters_disabled(policy):
+        refs, found = score(policy, fingerprint=fingerprint)
+    status.update(found)
+    return refs
 
 
 def _first_eval(run: RunDir) -> dict[str, float]:

@@ -14,7 +14,7 @@ import logging
 import resource
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -223,7 +223,7 @@ def fit(
     model: PreferenceModel,
     train: PairDataset,
     evals: PairDataset,
-    refs: dict[str, ReferenceLogps],
+    refs: dict[str, ReferenceLogps] | Callable[[PreferenceModel], dict[str, ReferenceLogps]],
     *,
     cfg: TrainConfig,
     accelerator: Accelerator,
@@ -233,7 +233,8 @@ def fit(
 ) -> tuple[TrainState, dict[str, float], bool]:
     """Train until the last step or ``max_steps_per_run``.
 
-    Returns (state, last eval metrics, finished). Raises :class:`Interrupted` after saving a
+    ``refs``: the reference sums of the train and eval pairs, or a function that computes them
+    from the prepared policy (FSDP, where only the sharded policy exists). Returns (state, last eval metrics, finished). Raises :class:`Interrupted` after saving a
     checkpoint on SIGTERM/SIGINT, and :class:`DirectAlignError` on a non-finite loss (before it
     reaches the weights).
     """
@@ -245,6 +246,8 @@ def fit(
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     load_kwargs = trained_only_checkpoints(accelerator, model)  # LoRA: adapters only
+    if callable(refs):  # under FSDP: the sharded initial policy scores the pairs, before resuming
+        refs = refs(model)
 
     state = TrainState()
     if cfg.resume:

@@ -45,6 +45,12 @@ def test_fsdp_on_two_processes_trains_what_one_process_trains(tmp_path, tiny_mod
     assert any(not torch.equal(one[k], initial[k]) for k in one)
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4)
+    # the sharded policy scored the reference pairs: the same cache file, the same sums
+    caches = [sorted((tmp_path / c / "reference").glob("*.safetensors")) for c in ("cache1", "cache2")]
+    assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and caches[0]
+    for p, q in zip(*caches):
+        for name, tensor in load_file(str(p)).items():
+            torch.testing.assert_close(load_file(str(q))[name], tensor, atol=1e-5, rtol=1e-5)
     model = AutoModelForCausalLM.from_pretrained(split / "final")
     torch.testing.assert_close(model.state_dict()["lm_head.weight"], one["model.embed_tokens.weight"])
 
