@@ -234,9 +234,11 @@ def fit(
     """Train until the last step or ``max_steps_per_run``.
 
     ``refs``: the reference sums of the train and eval pairs, or a function that computes them
-    from the prepared policy (FSDP, where only the sharded policy exists). Returns (state, last eval metrics, finished). Raises :class:`Interrupted` after saving a
-    checkpoint on SIGTERM/SIGINT, and :class:`DirectAlignError` on a non-finite loss (before it
-    reaches the weights).
+    from the prepared policy (FSDP, where only the sharded policy exists).
+
+    Returns (state, last eval metrics, finished). Raises :class:`Interrupted` after saving a
+    checkpoint on SIGTERM/SIGINT (to any of the processes: all stop at the same step), and
+    :class:`DirectAlignError` on a non-finite loss (before it reaches the weights).
     """
     device = accelerator.device
     batcher = Batcher(train, batch_size=cfg.batch_size, seed=cfg.seed, layout=cfg.layout,
@@ -308,12 +310,15 @@ def fit(
                 eval_metrics = evaluate()
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total:
                 checkpoint()
-            if stop_signal or (cfg.max_steps_per_run and steps_this_run >= cfg.max_steps_per_run
-                               and state.step < total):  # fmt: skip
+            # a signal may reach the processes at different steps: they decide together
+            stopped = any_across(bool(stop_signal), accelerator)
+            if stopped or (cfg.max_steps_per_run and steps_this_run >= cfg.max_steps_per_run
+                           and state.step < total):  # fmt: skip
                 checkpoint()
-                if stop_signal:
-                    raise Interrupted(f"stopped by signal {stop_signal[0]} at step {state.step}; "
-                                      f"checkpoint saved, continue with --resume")  # fmt: skip
+                if stopped:
+                    how = f"signal {stop_signal[0]}" if stop_signal else "a signal to another process"
+                    raise Interrupted(f"stopped by {how} at step {state.step}; checkpoint saved, "
+                                      "continue with --resume")  # fmt: skip
                 log.info("stopping after %d steps in this run (step %d of %d); continue with "
                          "--resume", steps_this_run, state.step, total)  # fmt: skip
                 return state, eval_metrics, False

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -162,6 +164,41 @@ def test_select_ranks_the_same_and_label_judges_each_prompt_once_in_two_processe
     rows_written = [json.loads(line) for line in (tmp_path / "pairs.jsonl").open()]
     assert 0 < len(rows_written) <= 6
     assert all(r["score_chosen"] > r["score_rejected"] for r in rows_written)
+
+
+def _rank_of(pid: int) -> str | None:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    return dict(kv.split("=", 1) for kv in environ if "=" in kv).get("RANK")
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step(setup) -> None:
+    """Preemption signals reach the processes at different steps; they must stop together (a
+    process checkpointing alone waits for the others forever)."""
+    model, data, tmp = setup
+    out = tmp / "signalled"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={_free_port()}", "-m", "direct_align", "train", "--model",
+               str(model), "--dataset", str(data), "--output-dir", str(out), *ARGS,
+               "--max-steps", "5000", "--log-every", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "DIRECT_ALIGN_CACHE": str(tmp / "cache1")}  # fmt: skip
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and "train/loss" in metrics.read_text()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        os.kill(next(int(w) for w in workers if _rank_of(int(w)) == "1"), signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stops = [line for line in stderr.splitlines() if line.startswith("stopped by")]
+    assert len(stops) == 2, stderr[-3000:]
+    steps = {line.split(" at step ")[1].split(";")[0] for line in stops}
+    assert len(steps) == 1 and any("signal 15" in line for line in stops)
+    assert (out / "checkpoints" / f"step-{int(steps.pop()):06d}" / "trainer_state.json").is_file()
 
 
 # ----------------------------------------------------------------------------- online
