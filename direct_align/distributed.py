@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -121,6 +122,21 @@ class NullTracker:
 def shards(accelerator: Accelerator) -> bool:
     """Whether the run shards the policy with FSDP."""
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+@contextmanager
+def root_unsharded(model: torch.nn.Module, accelerator: Accelerator) -> Iterator[None]:
+    """Under FSDP2 the root unit's own parameters (embeddings, final norm, LM head) are gathered
+    by the prepared ``model``'s forward alone; a call into a submodule (``generate`` on the
+    causal LM inside) needs them gathered around it. A no-op without FSDP."""
+    if not shards(accelerator) or not hasattr(model, "unshard"):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def refuse_sharding(command: str, accelerator: Accelerator) -> None:

@@ -99,12 +99,15 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    synced: bool = False,
 ) -> list[list[int]]:
     """One sampled response per prompt (ancestral sampling, no top-k; nucleus sampling when
     ``top_p < 1``), ending at EOS.
 
     Batched ``generate`` with a KV cache on left-padded prompts; the global RNG is left as found.
     Deterministic for a given (seed, batch_size): batches draw from one random stream in turn.
+    ``synced``: the model is sharded (FSDP) and every process calls this with as many prompts;
+    each keeps stepping until all are done (``generate``'s ``synced_gpus``).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -118,7 +121,7 @@ def sample(
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
                 temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
-                eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                eos_token_id=eos_token_id, pad_token_id=pad_token_id, synced_gpus=synced,
             )  # fmt: skip
             for row in out[:, width:].tolist():
                 cut = row.index(eos_token_id) + 1 if eos_token_id in row else len(row)

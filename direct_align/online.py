@@ -26,6 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,7 +39,7 @@ from direct_align.config import TrainConfig
 from direct_align.data import PairDataset, fit_pair, load_source
 from direct_align.data.batching import Batcher
 from direct_align.data.tokenize import _left_truncate
-from direct_align.distributed import any_across, my_share, sum_across
+from direct_align.distributed import any_across, my_share, root_unsharded, shards, sum_across
 from direct_align.errors import DataError
 from direct_align.evaluate import encode_prompts, sample
 from direct_align.models.logprobs import PreferenceModel
@@ -151,7 +153,7 @@ def fit_online(
     prompts: list[str],
     rewards: Rewards,
     evals: PairDataset | None,
-    ref_eval: ReferenceLogps | None,
+    ref_eval: ReferenceLogps | Callable[[PreferenceModel], ReferenceLogps] | None,
     *,
     tokenizer: Any,
     cfg: TrainConfig,
@@ -172,6 +174,8 @@ def fit_online(
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     load_kwargs = trained_only_checkpoints(accelerator, model)  # LoRA: adapters only
+    if callable(ref_eval):  # under FSDP: scored by the sharded initial policy, before resuming
+        ref_eval = ref_eval(model)
     state = OnlineState()
     if cfg.resume:
         checkpoint = run.last_checkpoint()
@@ -214,7 +218,7 @@ def fit_online(
                 responses, scores, judge_metrics = sample_and_judge(
                     lm, rewards, texts, prompt_ids, tokenizer=tokenizer, cfg=cfg,
                     accelerator=accelerator, batch_size=eval_batch * 2,
-                    seed=cfg.seed * 100_003 + state.round)  # fmt: skip
+                    seed=cfg.seed * 100_003 + state.round, root=model)  # fmt: skip
             except JudgeError as e:
                 raise _judge_failed(e, state, saved_round, checkpoint, run) from None
             ended = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
@@ -256,6 +260,7 @@ def fit_online(
                        "online/pairs": len(data), "online/prompts_without_pair": len(texts) - len({p for p, _, _ in triples}),
                        "online/response_tokens": sum(map(len, responses)) / len(responses),
                        "online/missing_eos": 1 - sum(ended) / len(ended)}  # fmt: skip
+            steps_taken = window.steps  # this round's (flush starts the window anew)
             if window.steps:
                 logged |= window.flush(scheduler.get_last_lr()[0], state.round, device)
             tracker.log(logged, state.step)
@@ -263,9 +268,9 @@ def fit_online(
             bar.set_postfix(reward=f"{judge_metrics['reward/total']:.3f}", pairs=len(data),
                             refresh=False)  # fmt: skip
             last = state.round == cfg.rounds
-            if cfg.eval_every and not last and _crossed(state.step, window.steps, cfg.eval_every):
+            if cfg.eval_every and not last and _crossed(state.step, steps_taken, cfg.eval_every):
                 eval_metrics = evaluate()
-            if cfg.save_every and not last and _crossed(state.step, window.steps, cfg.save_every):
+            if cfg.save_every and not last and _crossed(state.step, steps_taken, cfg.save_every):
                 checkpoint()
     finally:
         bar.close()
@@ -274,10 +279,13 @@ def fit_online(
 
 def sample_and_judge(lm: Any, rewards: Rewards, texts: list[str], prompt_ids: list[list[int]], *,
                      tokenizer: Any, cfg: Any, accelerator: Accelerator, batch_size: int,
-                     seed: int) -> tuple[list[list[int]], torch.Tensor, dict[str, float]]:  # fmt: skip
+                     seed: int, root: torch.nn.Module | None = None,
+                     ) -> tuple[list[list[int]], torch.Tensor, dict[str, float]]:  # fmt: skip
     """``k`` responses to each prompt, judged: (``P × k`` response ids, prompt by prompt; their
     rewards ``[P × k]``; the judges' mean metrics over all of them). ``cfg`` (a TrainConfig or
-    LabelConfig) gives samples_per_prompt, max_new_tokens, temperature and top_p.
+    LabelConfig) gives samples_per_prompt, max_new_tokens, temperature and top_p; ``root``: the
+    prepared model that ``lm`` is inside of (under FSDP its own parameters are gathered around
+    sampling, :func:`~direct_align.distributed.root_unsharded`).
 
     With several processes each samples and judges every ``num_processes``-th prompt (with its
     own seed) and all receive every result. A judge failing in any process raises
@@ -286,10 +294,16 @@ def sample_and_judge(lm: Any, rewards: Rewards, texts: list[str], prompt_ids: li
     k = cfg.samples_per_prompt
     mine = my_share(range(len(texts)), accelerator)
     seed += 1_000_003 * accelerator.process_index
-    responses = sample(lm, [prompt_ids[p] for p in mine for _ in range(k)],
-                       max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, batch_size=batch_size,
-                       temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)  # fmt: skip
+    # a sharded (FSDP) policy generates in all processes at once: as many prompts each (a short
+    # share samples one more, dropped), every generate step in step with the others
+    synced = shards(accelerator)
+    extra = (-(-len(texts) // accelerator.num_processes) - len(mine)) if synced else 0
+    with nullcontext() if root is None else root_unsharded(root, accelerator):
+        responses = sample(lm, [prompt_ids[p] for p in mine + [0] * extra for _ in range(k)],
+                           max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, batch_size=batch_size,
+                           temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
+                           synced=synced)[: len(mine) * k]  # fmt: skip
     decoded = tokenizer.batch_decode(responses, skip_special_tokens=True)
     ended = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
     error: JudgeError | None = None

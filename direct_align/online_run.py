@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from accelerate.utils import set_seed
@@ -20,9 +22,10 @@ from direct_align.config import TrainConfig, uses_bf16, uses_reference
 from direct_align.data import PairDataset
 from direct_align.distributed import (
     check_process_count,
+    gathered_state_dict,
     make_accelerator,
     quiet_unless_main,
-    refuse_sharding,
+    shards,
 )
 from direct_align.errors import ConfigError
 from direct_align.models.loading import load_causal_lm, load_tokenizer
@@ -30,7 +33,12 @@ from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import AdaptersOff
 from direct_align.online import fit_online, load_prompts
 from direct_align.outputs import RunDir
-from direct_align.reference import ReferenceCache, ReferenceLogps, cached_reference_logps
+from direct_align.reference import (
+    ReferenceCache,
+    ReferenceLogps,
+    cached_reference_logps,
+    model_fingerprint,
+)
 from direct_align.rewards import RewardModelJudge, load_rewards
 from direct_align.run import (
     _builtin_report,
@@ -38,10 +46,13 @@ from direct_align.run import (
     _first_eval,
     _prepare,
     _save_final,
+    check_engine,
     load_policy,
     open_outputs,
     preference_model,
     resolve_inputs,
+    score_sharded,
+    whole_model,
 )
 from direct_align.trainer import resident_mb
 
@@ -63,8 +74,9 @@ def run_online(cfg: TrainConfig) -> dict[str, Any] | None:
     prompts = load_prompts(source, cfg.split if cfg.dataset else None)
     log.info("prompts: %d from %s", len(prompts), source)
     accelerator = make_accelerator("bf16" if uses_bf16(cfg) else "no")
-    refuse_sharding("direct-align train --online", accelerator)
     check_process_count(cfg.grad_accum, accelerator)
+    check_engine(cfg, run, accelerator)
+    sharded = shards(accelerator)
     if cfg.prompts_per_round < accelerator.num_processes:
         raise ConfigError(f"--prompts-per-round {cfg.prompts_per_round} is fewer than the "
                           f"{accelerator.num_processes} processes (each samples a share of them)")  # fmt: skip
@@ -85,23 +97,28 @@ def run_online(cfg: TrainConfig) -> dict[str, Any] | None:
     set_seed(cfg.seed)
     policy = load_policy(model_path, cfg, accelerator.device)
     reference: PreferenceModel | AdaptersOff | None = None
-    ref_eval: ReferenceLogps | None = None
+    ref_eval: ReferenceLogps | Callable[[PreferenceModel], ReferenceLogps] | None = None
     if uses_reference(cfg) and cfg.lora_r is not None and not cfg.ref_model:
-        reference = AdaptersOff(policy.to(accelerator.device))
+        # under FSDP no device holds the policy whole: it moves there sharded (fit_online)
+        reference = AdaptersOff(policy if sharded else policy.to(accelerator.device))
     elif uses_reference(cfg):
         ref_lm = load_causal_lm(cfg.ref_model or model_path,
                                 option="--ref-model" if cfg.ref_model else "--model")  # fmt: skip
         reference = preference_model(ref_lm.requires_grad_(False), cfg, accelerator.device)
         reference.to(accelerator.device).eval()
     if reference is not None and evals is not None:
-        settings = {"precision": "bf16" if uses_bf16(cfg) else "fp32"}
-        refs, _ = cached_reference_logps(
-            reference, tokenizer, {"eval": evals}, cache=ReferenceCache(cache_dir / "reference"),
-            settings=settings, batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-            layout=cfg.layout, pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
-            autocast=accelerator.autocast, accelerator=accelerator,
-        )  # fmt: skip
-        ref_eval = refs["eval"]
+        score = partial(cached_reference_logps, tokenizer=tokenizer, splits={"eval": evals},
+                        cache=ReferenceCache(cache_dir / "reference"),
+                        settings={"precision": "bf16" if uses_bf16(cfg) else "fp32"},
+                        batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, layout=cfg.layout,
+                        pad_token_id=tokenizer.pad_token_id, device=accelerator.device,
+                        autocast=accelerator.autocast, accelerator=accelerator)  # fmt: skip
+        if sharded and isinstance(reference, AdaptersOff):  # scored by the sharded policy
+            whole_fp = model_fingerprint(policy.model)  # of the weights before sharding
+            ref_eval = lambda prepared: score_sharded(  # noqa: E731
+                score, prepared, fingerprint=whole_fp, status={})["eval"]
+        else:
+            ref_eval = score(reference)[0]["eval"]
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
     tracker = open_outputs(run, cfg, accelerator, "online_state")
@@ -110,10 +127,11 @@ def run_online(cfg: TrainConfig) -> dict[str, Any] | None:
                                          tokenizer=tokenizer, cfg=cfg, accelerator=accelerator,
                                          run=run, tracker=tracker)  # fmt: skip
         accelerator.wait_for_everyone()
+        whole = gathered_state_dict(policy, accelerator)  # FSDP: all processes gather
         if not main:  # the main process writes final/ and the summary
             return None
         model = accelerator.unwrap_model(policy).model
-        _save_final(model, tokenizer, run, cfg.lora_save)
+        _save_final(model, tokenizer, run, cfg.lora_save, whole)
         summary: dict[str, Any] = {
             "loss": cfg.loss, "beta": cfg.beta, "online": True, "rounds": state.round,
             "steps": state.step, "judge_calls": state.judge_calls, "train_pairs": state.pairs,
@@ -128,7 +146,8 @@ def run_online(cfg: TrainConfig) -> dict[str, Any] | None:
             "train_runtime_s": round(state.train_seconds, 3),
         }  # fmt: skip
         if cfg.dataset is None:
-            summary["builtin"] = _builtin_report(model, model_path, tokenizer, assets, cfg)
+            summary["builtin"] = _builtin_report(whole_model(model, whole, run), model_path,
+                                                 tokenizer, assets, cfg)  # fmt: skip
         tracker.summary({**eval_metrics, **summary.get("builtin", {}),
                          "online/judge_calls": state.judge_calls})  # fmt: skip
         run.write_json("summary.json", summary)

@@ -170,10 +170,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
     bf16 = uses_bf16(cfg)
     accelerator = make_accelerator("bf16" if bf16 else "no")
     check_process_count(cfg.grad_accum, accelerator)
-    if cfg.resume:
-        check_resumable(run.last_checkpoint(), accelerator)
-    if cfg.lora_r is not None and cfg.lora_save == "merged" and shards(accelerator):
-        raise ConfigError("--lora-save merged is not supported under FSDP; save the adapter")
+    check_engine(cfg, run, accelerator)
     quiet_unless_main(accelerator)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
@@ -191,7 +188,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
         if shards(accelerator) and not cfg.ref_model:
             # FSDP: no device holds the policy whole; the sharded initial policy scores the
             # pairs in fit, before any step (so the output directory exists by then)
-            refs = partial(_score_sharded, score, fingerprint=model_fingerprint(policy.model),
+            refs = partial(score_sharded, score, fingerprint=model_fingerprint(policy.model),
                            status=ref_status)  # fmt: skip
         else:
             reference = policy  # the initial policy; with LoRA, the base (adapters off below)
@@ -232,9 +229,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
             "train_runtime_s": round(state.train_seconds, 3),
             "train_samples_per_s": round(state.pairs_seen / max(state.train_seconds, 1e-9), 4),
         }  # fmt: skip
-        if cfg.dataset is None:  # a sharded policy generates only in all processes at once
-            unsharded = model if whole is None else load_causal_lm(str(run.final))
-            summary["builtin"] = _builtin_report(unsharded, model_path, tokenizer, assets, cfg)
+        if cfg.dataset is None:
+            summary["builtin"] = _builtin_report(whole_model(model, whole, run), model_path,
+                                                 tokenizer, assets, cfg)  # fmt: skip
         tracker.summary({**eval_metrics, **summary.get("builtin", {})})
         run.write_json("summary.json", summary)
         return summary
@@ -261,7 +258,22 @@ def open_outputs(run: RunDir, cfg: TrainConfig, accelerator: Accelerator,
                    resume_step=resume_step)  # fmt: skip
 
 
-def _score_sharded(score: Callable[..., tuple[dict[str, ReferenceLogps], dict[str, str]]],
+def check_engine(cfg: TrainConfig, run: RunDir, accelerator: Accelerator) -> None:
+    """Refuse what the engine (DDP or FSDP) rules out, before any work: resuming a checkpoint
+    written by the other engine, and saving a merged LoRA model from a sharded one."""
+    if cfg.resume:
+        check_resumable(run.last_checkpoint(), accelerator)
+    if cfg.lora_r is not None and cfg.lora_save == "merged" and shards(accelerator):
+        raise ConfigError("--lora-save merged is not supported under FSDP; save the adapter")
+
+
+def whole_model(model: Any, whole: dict[str, torch.Tensor] | None, run: RunDir) -> Any:
+    """The trained policy in one piece, to sample from in the main process alone: ``model``,
+    or when it was sharded (``whole``: its gathered weights) ``final/`` loaded back."""
+    return model if whole is None else load_causal_lm(str(run.final))
+
+
+def score_sharded(score: Callable[..., tuple[dict[str, ReferenceLogps], dict[str, str]]],
                    policy: PreferenceModel, *, fingerprint: str,
                    status: dict[str, str]) -> dict[str, ReferenceLogps]:  # fmt: skip
     """``score`` (:func:`cached_reference_logps`) of the prepared, sharded initial ``policy``

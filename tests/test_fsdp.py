@@ -4,15 +4,17 @@ batch, through a sharded checkpoint and --resume, and gather final/ whole."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
-from test_distributed import train, weights
+from test_distributed import launch, train, weights
 from transformers import AutoModelForCausalLM
 
+from direct_align.builtin.task import sample_prompts
 from direct_align.distributed import check_resumable, refuse_sharding
 from direct_align.errors import ConfigError
 from prefdata import rows, write_jsonl
@@ -72,3 +74,34 @@ def test_commands_that_sample_with_the_policy_refuse_fsdp() -> None:
     with pytest.raises(ConfigError, match="direct-align ppo does not run under FSDP yet"):
         refuse_sharding("direct-align ppo", SimpleNamespace(distributed_type=DistributedType.FSDP))
     refuse_sharding("direct-align ppo", SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+
+
+def test_online_lora_under_fsdp_learns_what_ddp_learns(tmp_path, tiny_model_dir) -> None:
+    """Online DPO with LoRA: the sharded policy samples (every generate step in step across the
+    processes), scores its fresh pairs with its adapters off, and checkpoints and evaluates at
+    round ends, exactly as under DDP."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in sample_prompts(8, seed=3)])
+    evals = write_jsonl(tmp_path / "eval.jsonl", rows("standard", 9, seed=5))
+    (tmp_path / "judge.py").write_text("def e(prompts, responses):\n"
+                                       "    return [float(r.count('e')) for r in responses]\n")  # fmt: skip
+    args = ["train", "--online", "--loss", "dpo", "--model", str(tiny_model_dir), "--dataset",
+            str(prompts), "--eval-dataset", str(evals), "--reward", f"{tmp_path / 'judge.py'}:e",
+            "--rounds", "2", "--prompts-per-round", "8", "--samples-per-prompt", "2",
+            "--batch-size", "8", "--grad-accum", "2", "--max-length", "48", "--max-new-tokens", "8",
+            "--lora-r", "4", "--learning-rate", "1e-2", "--eval-every", "1", "--save-every", "1"]  # fmt: skip
+    cache = {"DIRECT_ALIGN_CACHE": str(tmp_path / "cache")}
+    launch(2, [*args, "--output-dir", str(tmp_path / "ddp")], cache)
+    launch(2, [*args, "--output-dir", str(tmp_path / "fsdp")], cache, config="fsdp.yaml")
+    ddp, fsdp = (load_file(str(tmp_path / run / "final" / "adapter_model.safetensors"))
+                 for run in ("ddp", "fsdp"))  # fmt: skip
+    assert ddp.keys() == fsdp.keys() and any(v.abs().sum() > 0 for k, v in ddp.items() if "lora_B" in k)
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], atol=1e-6, rtol=1e-5)
+    # a checkpoint and an evaluation at the end of round 1 (the last round's are left out)
+    assert (tmp_path / "fsdp" / "checkpoints" / "step-000001" / "pytorch_model_fsdp_0").is_dir()
+    assert (tmp_path / "ddp" / "checkpoints" / "step-000001" / "model.safetensors").is_file()
+    for run in ("ddp", "fsdp"):
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+        assert [r["step"] for r in records if "eval/loss" in r] == [0, 1, 2]
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("ddp", "fsdp")]
+    assert summaries[1]["final"]["eval/loss"] == pytest.approx(summaries[0]["final"]["eval/loss"], abs=1e-6)
