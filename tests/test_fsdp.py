@@ -12,7 +12,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from test_distributed import launch, train, weights
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from direct_align.builtin.task import sample_prompts
 from direct_align.distributed import check_resumable, refuse_sharding
@@ -29,6 +29,12 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
 def test_fsdp_on_two_processes_trains_what_one_process_trains(tmp_path, tiny_model_dir,
                                                                monkeypatch) -> None:  # fmt: skip
     data = write_jsonl(tmp_path / "pairs.jsonl", rows("standard", 60, seed=4))
+    # untied embeddings and LM head (as most large models): the head is an FSDP unit of its
+    # own, with the final norm; the online test below covers tied ones
+    untied = AutoModelForCausalLM.from_pretrained(tiny_model_dir, tie_word_embeddings=False)
+    untied.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "model")
+    tiny_model_dir = tmp_path / "model"
     train(1, tmp_path / "one", tiny_model_dir, data, tmp_path / "cache1")
     # 2 of the 4 steps, a sharded checkpoint, then the rest after --resume: first launched as
     # users do, with the shipped config, then with torchrun and the variables it sets
@@ -42,7 +48,7 @@ def test_fsdp_on_two_processes_trains_what_one_process_trains(tmp_path, tiny_mod
     train(2, split, tiny_model_dir, data, tmp_path / "cache2", "--resume")
 
     one, two = weights(tmp_path / "one"), weights(split)
-    assert one.keys() == two.keys()  # whole, tied embeddings written once
+    assert one.keys() == two.keys() and "lm_head.weight" in one  # whole
     initial = load_file(str(tiny_model_dir / "model.safetensors"))
     assert any(not torch.equal(one[k], initial[k]) for k in one)
     for key in one:
@@ -53,8 +59,7 @@ def test_fsdp_on_two_processes_trains_what_one_process_trains(tmp_path, tiny_mod
     for p, q in zip(*caches):
         for name, tensor in load_file(str(p)).items():
             torch.testing.assert_close(load_file(str(q))[name], tensor, atol=1e-5, rtol=1e-5)
-    model = AutoModelForCausalLM.from_pretrained(split / "final")
-    torch.testing.assert_close(model.state_dict()["lm_head.weight"], one["model.embed_tokens.weight"])
+    AutoModelForCausalLM.from_pretrained(split / "final")
 
 
 def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tmp_path) -> None:

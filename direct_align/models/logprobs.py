@@ -146,10 +146,19 @@ class PreferenceModel(nn.Module):
 
     # FSDP sees the module it wraps, this one: accelerate shards each class the model lists in
     # _no_split_modules (its decoder layers) as a unit, puts tied embeddings in one unit, and
-    # re-ties them after moving the model to the meta device.
+    # re-ties them after moving the model to the meta device. It groups the final norm with
+    # the LM head, finding the norm among the children of getattr(self, base_model_prefix):
+    # the decoder, so that the chunked head's weight is gathered when the trunk ends.
+    base_model_prefix = "decoder"
+
     @property
     def _no_split_modules(self) -> list[str] | None:
         return getattr(self.model, "_no_split_modules", None)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The decoder trunk of the causal LM (its final norm is a direct child)."""
+        return self.model.get_decoder()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
