@@ -36,7 +36,56 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpus)
     if cpus and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         _fsdp_on_cpus(accelerator)
+    if cpus and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        _deepspeed_on_cpus(accelerator)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage == 3:
+            raise ConfigError("DeepSpeed ZeRO-3 is not supported yet (its weights are partitioned "
+                              "outside the training step); use configs/accelerate/fsdp.yaml, "
+                              "which shards weights, gradients and optimizer state too")  # fmt: skip
     return accelerator
+
+
+def _deepspeed_on_cpus(accelerator: Accelerator) -> None:
+    """What accelerate's state does for DeepSpeed on GPUs, on CPUs (accelerate ignores
+    ``ACCELERATE_USE_DEEPSPEED`` there): DeepSpeed's communication on the gloo group, the plugin
+    read from the ``ACCELERATE_DEEPSPEED_*`` variables, and the DeepSpeed type that makes
+    ``prepare`` build DeepSpeed's engine. DeepSpeed runs on CPUs with its CPU accelerator."""
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    state = accelerator.state
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(state.mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    state.deepspeed_plugins = plugin
+    accelerator.deepspeed_engine_wrapped = None
+    state.distributed_type = PartialState().distributed_type = DistributedType.DEEPSPEED
+
+
+def configure_deepspeed(accelerator: Accelerator, batch_size: int, max_grad_norm: float) -> None:
+    """Before ``prepare``: DeepSpeed's batch settings, which it wants from a data loader that
+    direct_align does not give it, and its gradient clipping (``--max-grad-norm``, 0: none).
+    direct_align deals out the micro-batches itself and marks the last of each step
+    (:func:`backward`), so DeepSpeed's own accumulation stays 1."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=1,
+                  train_batch_size=batch_size * accelerator.num_processes,
+                  gradient_clipping=max_grad_norm)  # fmt: skip
+
+
+def backward(accelerator: Accelerator, loss: torch.Tensor, last: bool) -> None:
+    """``accelerator.backward`` of one micro-batch; ``last``: the step's last in this process,
+    where DeepSpeed reduces the accumulated gradients and steps (under DDP and FSDP
+    ``no_sync`` marks the others)."""
+    accelerator.gradient_state._set_sync_gradients(last)
+    accelerator.backward(loss)
+    accelerator.gradient_state._set_sync_gradients(True)
 
 
 def _fsdp_on_cpus(accelerator: Accelerator) -> None:
@@ -169,11 +218,17 @@ def gathered_state_dict(model: torch.nn.Module, accelerator: Accelerator,
 
 
 def check_resumable(checkpoint: Path, accelerator: Accelerator) -> None:
-    """A checkpoint written under FSDP (``pytorch_model_fsdp_*``) loads only under FSDP, and
-    one written without FSDP only without it: say so before any work."""
-    sharded = any(checkpoint.glob("pytorch_model_fsdp_*"))
-    fsdp = shards(accelerator)
-    if sharded != fsdp:
-        raise ConfigError(f"--resume: {checkpoint} was written {'with' if sharded else 'without'} "
-                          f"FSDP and this run is {'' if fsdp else 'not '}under FSDP; resume it "
-                          f"{'under FSDP (e.g. configs/accelerate/fsdp.yaml)' if sharded else 'without FSDP'}")  # fmt: skip
+    """A checkpoint loads only under the engine that wrote it: FSDP (``pytorch_model_fsdp_*``),
+    DeepSpeed (``pytorch_model/`` with ``latest``) or neither. Say so before any work."""
+    if any(checkpoint.glob("pytorch_model_fsdp_*")):
+        written = "FSDP"
+    elif (checkpoint / "latest").is_file():
+        written = "DeepSpeed"
+    else:
+        written = "DDP or one process"
+    running = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(
+        accelerator.distributed_type, "DDP or one process")
+    if written != running:
+        raise ConfigError(f"--resume: {checkpoint} was written under {written} and this run is "
+                          f"under {running}; resume it under {written}")  # fmt: skip
+

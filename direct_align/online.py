@@ -39,7 +39,14 @@ from direct_align.config import TrainConfig
 from direct_align.data import PairDataset, fit_pair, load_source
 from direct_align.data.batching import Batcher
 from direct_align.data.tokenize import _left_truncate
-from direct_align.distributed import any_across, my_share, root_unsharded, shards, sum_across
+from direct_align.distributed import (
+    any_across,
+    configure_deepspeed,
+    my_share,
+    root_unsharded,
+    shards,
+    sum_across,
+)
 from direct_align.errors import DataError
 from direct_align.evaluate import encode_prompts, sample
 from direct_align.models.logprobs import PreferenceModel
@@ -171,6 +178,7 @@ def fit_online(
     pad = tokenizer.pad_token_id
     total = cfg.rounds * steps_per_round(cfg)
     optimizer, scheduler = make_optimizer(model, cfg, total)
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     load_kwargs = trained_only_checkpoints(accelerator, model)  # LoRA: adapters only

@@ -32,7 +32,13 @@ from direct_align.config import TrainConfig
 from direct_align.data import PairDataset
 from direct_align.data.batching import Batcher
 from direct_align.data.packing import build_batch
-from direct_align.distributed import any_across, even_share, sum_across
+from direct_align.distributed import (
+    any_across,
+    backward,
+    configure_deepspeed,
+    even_share,
+    sum_across,
+)
 from direct_align.errors import DirectAlignError
 from direct_align.evaluate import evaluate_pairs
 from direct_align.losses import LOSSES, preference_loss
@@ -195,7 +201,7 @@ def optimizer_step(
                 f"{run.last_checkpoint()}"
             )
         weight = len(index) / n_pairs if real else 0.0
-        accelerator.backward(loss * weight * scale)
+        backward(accelerator, loss * weight * scale, last=sync)
         for key, value in {"loss": loss.item(), **metrics}.items():  # the same keys everywhere
             step_metrics[key] = step_metrics.get(key, 0.0) + value * weight
         tokens += batch.num_tokens * real
@@ -245,6 +251,7 @@ def fit(
                       max_tokens=cfg.max_tokens_per_batch)  # fmt: skip
     total = total_steps(batcher, cfg)
     optimizer, scheduler = make_optimizer(model, cfg, total)
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     load_kwargs = trained_only_checkpoints(accelerator, model)  # LoRA: adapters only

@@ -63,15 +63,19 @@ def test_fsdp_on_two_processes_trains_what_one_process_trains(tmp_path, tiny_mod
 
 
 def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tmp_path) -> None:
-    fsdp, plain = (SimpleNamespace(distributed_type=t) for t in (DistributedType.FSDP,
-                                                                 DistributedType.MULTI_CPU))  # fmt: skip
+    fsdp, deepspeed, plain = (SimpleNamespace(distributed_type=t) for t in (
+        DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MULTI_CPU))  # fmt: skip
+    check_resumable(tmp_path, plain)
+    with pytest.raises(ConfigError, match="written under DDP or one process and this run is under FSDP"):
+        check_resumable(tmp_path, fsdp)
     (tmp_path / "pytorch_model_fsdp_0").mkdir()
     check_resumable(tmp_path, fsdp)
-    with pytest.raises(ConfigError, match="written with FSDP and this run is not under FSDP"):
+    with pytest.raises(ConfigError, match="written under FSDP and this run is under DDP or one"):
         check_resumable(tmp_path, plain)
     (tmp_path / "pytorch_model_fsdp_0").rmdir()
-    check_resumable(tmp_path, plain)
-    with pytest.raises(ConfigError, match="written without FSDP and this run is under FSDP"):
+    (tmp_path / "latest").write_text("pytorch_model")
+    check_resumable(tmp_path, deepspeed)
+    with pytest.raises(ConfigError, match="written under DeepSpeed and this run is under FSDP"):
         check_resumable(tmp_path, fsdp)
 
 

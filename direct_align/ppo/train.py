@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedModel
 
-from direct_align.distributed import NullTracker, my_share, sum_across
+from direct_align.distributed import NullTracker, configure_deepspeed, my_share, sum_across
 from direct_align.errors import DirectAlignError
 from direct_align.ppo.config import PPOConfig
 from direct_align.ppo.core import (
@@ -152,6 +152,8 @@ def fit_ppo(
     kwargs = {} if cfg.lr_scheduler == "constant" else {"num_training_steps": total}
     scheduler = SCHEDULES[cfg.lr_scheduler](optimizer, num_warmup_steps=round(cfg.warmup_ratio * total),
                                             **kwargs)  # fmt: skip
+    configure_deepspeed(accelerator, cfg.mini_batch_size // accelerator.num_processes,
+                        cfg.max_grad_norm)  # fmt: skip
     actor_critic, optimizer = accelerator.prepare(actor_critic, optimizer)
     unwrapped = accelerator.unwrap_model(actor_critic)  # sampling and scoring need no DDP
     reduce: Reduce = partial(sum_across, accelerator=accelerator)

@@ -18,7 +18,14 @@ from transformers import PreTrainedModel
 
 from direct_align.data import PairDataset, collate_pairs
 from direct_align.data.batching import Batcher
-from direct_align.distributed import NullTracker, any_across, even_share, sum_across
+from direct_align.distributed import (
+    NullTracker,
+    any_across,
+    backward,
+    configure_deepspeed,
+    even_share,
+    sum_across,
+)
 from direct_align.errors import DirectAlignError
 from direct_align.progress import progress
 from direct_align.rm.config import RewardConfig
@@ -53,6 +60,7 @@ def fit_rm(
     warmup = round(cfg.warmup_ratio * total)
     kwargs = {} if cfg.lr_scheduler == "constant" else {"num_training_steps": total}
     scheduler = SCHEDULES[cfg.lr_scheduler](optimizer, num_warmup_steps=warmup, **kwargs)
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState()
 
@@ -127,7 +135,7 @@ def _forward_backward(model: PreTrainedModel, train: PairDataset, group: list[li
                                    f"{accelerator.process_index} (non-finite); the weights were "
                                    "not updated")  # fmt: skip
         weight = len(index) / n_pairs * real  # a stand-in (not real) only keeps DDP in step
-        accelerator.backward(loss * weight * scale)
+        backward(accelerator, loss * weight * scale, last=sync)
         for key, value in {"loss": loss.item(), **metrics}.items():
             step_metrics[key] = step_metrics.get(key, 0.0) + value * weight
         tokens += int(batch.attention_mask.sum()) * real
