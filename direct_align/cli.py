@@ -236,3 +236,15 @@ def main(argv: list[str] | None = None) -> None:
 
         click.echo(f"error: {e}" if not isinstance(e, Interrupted) else str(e), err=True)
         sys.exit(143 if isinstance(e, Interrupted) else 1)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under a multi-process launcher, shut this process's side of the group down before the
+    interpreter exits: left to interpreter shutdown, gloo's threads can abort the process
+    ("terminate called without an active exception") while the others still run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -56,7 +56,8 @@ def launch(processes: int, args: list[str], env: dict[str, str], check: bool = T
                    f"--master_port={_free_port()}", "-m", "direct_align"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
     result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=600)
-    errors = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
+    errors = [line for line in result.stderr.splitlines()
+              if any(w in line for w in ("Error", "error:", "terminate", "enforce", "what()"))]
     assert result.returncode == 0 or not check, "\n".join([*errors[:10], result.stderr[-1500:]])
     return result
 
