@@ -41,7 +41,6 @@ from direct_align.data.batching import Batcher
 from direct_align.data.tokenize import _left_truncate
 from direct_align.distributed import (
     any_across,
-    configure_deepspeed,
     my_share,
     root_unsharded,
     shards,
@@ -50,7 +49,7 @@ from direct_align.distributed import (
 from direct_align.errors import DataError
 from direct_align.evaluate import encode_prompts, sample
 from direct_align.models.logprobs import PreferenceModel
-from direct_align.models.lora import AdaptersOff, trained_only_checkpoints
+from direct_align.models.lora import AdaptersOff
 from direct_align.outputs import RunDir, read_state
 from direct_align.progress import progress
 from direct_align.reference import ReferenceLogps, score_shared
@@ -62,6 +61,7 @@ from direct_align.trainer import (
     loss_kwargs,
     make_optimizer,
     optimizer_step,
+    prepare_training,
 )
 
 log = logging.getLogger(__name__)
@@ -178,10 +178,8 @@ def fit_online(
     pad = tokenizer.pad_token_id
     total = cfg.rounds * steps_per_round(cfg)
     optimizer, scheduler = make_optimizer(model, cfg, total)
-    configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    load_kwargs = trained_only_checkpoints(accelerator, model)  # LoRA: adapters only
+    model, optimizer, load_kwargs = prepare_training(model, optimizer, scheduler, cfg=cfg,
+                                                     accelerator=accelerator)  # fmt: skip
     if callable(ref_eval):  # under FSDP: scored by the sharded initial policy, before resuming
         ref_eval = ref_eval(model)
     state = OnlineState()

@@ -148,6 +148,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     return optimizer, SCHEDULES[cfg.lr_scheduler](optimizer, num_warmup_steps=warmup, **kwargs)
 
 
+def prepare_training(model: PreferenceModel, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+                     cfg: TrainConfig, accelerator: Accelerator,
+                     ) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:  # fmt: skip
+    """The policy and optimizer handed to the engine (DDP, FSDP or DeepSpeed, its settings
+    first), the schedule saved with checkpoints; returns (model, optimizer, the keywords
+    ``accelerator.load_state`` needs: with LoRA checkpoints hold the adapters alone)."""
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    return model, optimizer, trained_only_checkpoints(accelerator, model)
+
+
 def optimizer_step(
     model: PreferenceModel,
     data: PairDataset,
@@ -251,10 +263,8 @@ def fit(
                       max_tokens=cfg.max_tokens_per_batch)  # fmt: skip
     total = total_steps(batcher, cfg)
     optimizer, scheduler = make_optimizer(model, cfg, total)
-    configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    load_kwargs = trained_only_checkpoints(accelerator, model)  # LoRA: adapters only
+    model, optimizer, load_kwargs = prepare_training(model, optimizer, scheduler, cfg=cfg,
+                                                     accelerator=accelerator)  # fmt: skip
     if callable(refs):  # under FSDP: the sharded initial policy scores the pairs, before resuming
         refs = refs(model)
 
