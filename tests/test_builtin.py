@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from direct_align.builtin.build import BuiltinSpec, build_base_model, build_pairs
 from direct_align.builtin.task import sample_corpus, sample_prompts, true_reward
 
 
@@ -58,3 +60,23 @@ def test_default_command_raises_the_hidden_reward(default_run) -> None:
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     assert 1_000_000 < model.num_parameters() < 10_000_000
     assert AutoTokenizer.from_pretrained(run / "final").chat_template is not None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pairs_never_hold_a_blank_response_whatever_the_thread_count(threads: int) -> None:
+    """Which samples decode to blank text depends on the floating-point path; with this small
+    recipe the base model samples one blank continuation in 320 at either thread count, and a
+    pair holding it would be refused by training (`field 'rejected' is empty`)."""
+    spec = BuiltinSpec(corpus_size=2000, vocab_size=384, hidden_size=32, num_layers=2,
+                       num_heads=2, intermediate_size=64, sft_steps=20, sft_batch_size=16,
+                       train_pairs=300, eval_pairs=20)  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tokenizer, model = build_base_model(spec)
+        train, evals = build_pairs(model, tokenizer, spec)  # checks its rows as training reads them
+    finally:
+        torch.set_num_threads(before)
+    assert len(train) == 300 and len(evals) == 20
+    assert all(row["a"].strip() and row["b"].strip() for row in train)
+    assert all(row["chosen"].strip() and row["rejected"].strip() for row in evals)

@@ -33,7 +33,7 @@ from direct_align.evaluate import encode_prompts, sample
 from direct_align.progress import progress
 
 log = logging.getLogger(__name__)
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: a sample that decodes to blank text never enters a pair
 
 
 @dataclass(frozen=True)
@@ -114,20 +114,24 @@ def ensure_builtin(cache_dir: Path, spec: BuiltinSpec = BuiltinSpec()) -> Builti
 
 
 def _build(root: Path, spec: BuiltinSpec) -> None:
-    torch.manual_seed(spec.seed)
-    corpus = sample_corpus(spec.corpus_size, seed=spec.seed)
-    tokenizer = build_tokenizer(corpus, vocab_size=spec.vocab_size)
-    model = _fit_base_model(corpus, tokenizer, spec)
+    tokenizer, model = build_base_model(spec)
     model.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
 
-    n_prompts = spec.train_pairs + spec.eval_pairs
-    candidates = _sample_candidates(model, tokenizer, n_prompts, spec)
-    _write_jsonl(root / "candidates.jsonl", candidates[: spec.train_pairs])
-    _write_jsonl(root / "eval.jsonl", [_label(row, flip=False) for row in candidates[spec.train_pairs :]])
+    candidates, evals = build_pairs(model, tokenizer, spec)
+    _write_jsonl(root / "candidates.jsonl", candidates)
+    _write_jsonl(root / "eval.jsonl", evals)
     held_out = sample_prompts(spec.held_out_prompts, seed=spec.seed + 2)
     (root / "prompts.json").write_text(json.dumps(held_out, indent=0))
     (root / "DONE").write_text(json.dumps(dataclasses.asdict(spec)))
+
+
+def build_base_model(spec: BuiltinSpec) -> tuple[PreTrainedTokenizerFast, LlamaForCausalLM]:
+    """The task's tokenizer and base model, trained from the seed (steps 1 and 2)."""
+    torch.manual_seed(spec.seed)
+    corpus = sample_corpus(spec.corpus_size, seed=spec.seed)
+    tokenizer = build_tokenizer(corpus, vocab_size=spec.vocab_size)
+    return tokenizer, _fit_base_model(corpus, tokenizer, spec)
 
 
 def _fit_base_model(corpus: list[str], tokenizer: PreTrainedTokenizerFast,
@@ -170,9 +174,39 @@ def _fit_base_model(corpus: list[str], tokenizer: PreTrainedTokenizerFast,
     return model
 
 
+def build_pairs(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                spec: BuiltinSpec) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """(training candidates, labelled eval rows) of the task, checked as training reads them.
+
+    Which samples come out blank can depend on the machine's floating-point path (the thread
+    count, the CPU), so the rows are checked here, before anything is written: a row that
+    training would refuse is a bug of this builder, never the user's to find.
+    """
+    candidates = _sample_candidates(model, tokenizer, spec.train_pairs + spec.eval_pairs, spec)
+    train = candidates[: spec.train_pairs]
+    evals = [_label(row, flip=False) for row in candidates[spec.train_pairs :]]
+    check_rows([_label(row, flip=False) for row in train] + evals, tokenizer)
+    return train, evals
+
+
+def check_rows(rows: list[dict], tokenizer: PreTrainedTokenizerFast) -> None:
+    """Raise RuntimeError unless training's own reader accepts every standard-format row."""
+    from datasets import Dataset
+
+    from direct_align.data.formats import to_text_pairs
+    from direct_align.errors import DataError
+
+    try:
+        to_text_pairs(Dataset.from_list(rows), fmt="standard", tokenizer=tokenizer,
+                      source="built-in task")  # fmt: skip
+    except DataError as e:
+        raise RuntimeError(f"the built-in task's builder made a row training refuses: {e}") from e
+
+
 def _sample_candidates(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
                        n: int, spec: BuiltinSpec) -> list[dict]:  # fmt: skip
-    """``n`` prompts with two samples of different true reward each."""
+    """``n`` prompts with two non-blank samples of different true reward each (a blank text
+    scores 0.5, so it could differ from the other's score and still make no usable pair)."""
     out: list[dict] = []
     seed = spec.seed + 1
     with progress(total=n, desc="built-in task: preference pairs", unit="pair") as bar:
@@ -186,7 +220,7 @@ def _sample_candidates(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFa
                                             skip_special_tokens=True)  # fmt: skip
             for prompt, a, b in zip(prompts, first, second):
                 ra, rb = true_reward(a), true_reward(b)
-                if ra != rb and len(out) < n:
+                if ra != rb and a.strip() and b.strip() and len(out) < n:
                     out.append({"prompt": prompt, "a": a, "b": b, "reward_a": ra, "reward_b": rb})
                     bar.update(1)
             seed += 1
