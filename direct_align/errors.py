@@ -1,4 +1,4 @@
-"""The one exception type that reaches users as a one-line message."""
+"""The exception types the CLI turns into one-line messages."""
 
 
 class DirectAlignError(Exception):
@@ -15,3 +15,7 @@ class ConfigError(DirectAlignError):
 
 class DataError(DirectAlignError):
     """An unreadable file, malformed row or a dataset that cannot be used."""
+
+
+class Interrupted(DirectAlignError):
+    """Training stopped by a signal after saving a checkpoint (exit status 143)."""

@@ -1,113 +1,170 @@
-"""Building blocks of the settings of commands other than `train` (`train-rm`, `ppo`).
+"""The settings that several commands read, each declared once (see :mod:`direct_align.config`),
+and the groups of them that commands share.
 
-A setting that means the same as in `direct-align train` is declared with :func:`same`: it takes
-that command's name, type, help and choices (optionally another default), so a flag has one
-source. Settings of the command's own are declared with :func:`own` and typed in the command's
-``own_types``. :class:`Fields` then parses and checks values the way :mod:`direct_align.config`
-does, with the same one-line errors.
+A command takes one into its dataclass with ``NAME.field()``, optionally with its own default or
+help (``LEARNING_RATE.field(default=1e-5)``), or a whole group by deriving from it
+(:class:`RunSettings`: every training command's output directory, cadence and trackers).
+Settings that one package alone reads are declared in that package (e.g.
+:mod:`direct_align.ppo.settings`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Iterable
-from dataclasses import field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from direct_align.config import FIELDS, _base_type, coerce, parse_bool
+import torch
+
+from direct_align.config import NON_NEGATIVE, POSITIVE, Setting, at_least, within
 from direct_align.errors import ConfigError
 
-_KEEP = object()
+FORMATS = ("auto", "standard", "conversational", "implicit")
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+TRACKERS = ("none", "jsonl", "wandb")
+
+# --- models and data -------------------------------------------------------------------------
+MODEL = Setting(str, None, "Policy: HF model directory or hub name (default: built-in).")
+GRADIENT_CHECKPOINTING = Setting(bool, False, "Recompute activations in backward to save memory.")
+DATASET = Setting(str, None, "Preference data: .jsonl/.json/.parquet/.csv, a save_to_disk "
+                             "directory or a hub name (default: built-in).")  # fmt: skip
+EVAL_DATASET = Setting(str, None, "Held-out preference data (default: a split of --dataset).")
+SPLIT = Setting(str, "train", "Split to read from a hub dataset or a saved DatasetDict.")
+EVAL_SPLIT = Setting(str, None, "Split of --eval-dataset (default: --split).")
+FORMAT = Setting(str, "auto", "Dataset format.", FORMATS)
+EVAL_FRACTION = Setting(float, 0.05, "Share of --dataset held out when no --eval-dataset is given.",
+                        rule=within(0, 1, open_lo=True))  # fmt: skip
+MAX_LENGTH = Setting(int, 512, "Most tokens in prompt + response.", rule=at_least(2))
+MAX_PROMPT_LENGTH = Setting(int, None, "Prompt tokens always kept when truncating (default: "
+                                       "max_length // 2).", rule=at_least(1))  # fmt: skip
+
+# --- optimisation ------------------------------------------------------------------------------
+EPOCHS = Setting(int, 1, "Passes over the training pairs (ignored when --max-steps is set).",
+                 rule=at_least(1))  # fmt: skip
+MAX_STEPS = Setting(int, None, "Optimizer steps in all (overrides --epochs).", rule=at_least(1))
+BATCH_SIZE = Setting(int, 8, "Pairs per forward pass (per process).", rule=at_least(1))
+EVAL_BATCH_SIZE = Setting(int, None, "Pairs per eval forward (default: 2 × batch size).",
+                          rule=at_least(1), resumable=True)  # fmt: skip
+GRAD_ACCUM = Setting(int, 1, "Forward passes per optimizer step.", rule=at_least(1))
+LEARNING_RATE = Setting(float, 1e-6, "Peak AdamW learning rate.", rule=POSITIVE)
+WEIGHT_DECAY = Setting(float, 0.0, "AdamW weight decay.", rule=NON_NEGATIVE)
+WARMUP_RATIO = Setting(float, 0.1, "Share of steps with linear warmup.", rule=within(0, 1))
+LR_SCHEDULER = Setting(str, "cosine", "Decay after warmup.", SCHEDULERS)
+MAX_GRAD_NORM = Setting(float, 1.0, "Gradient clipping norm (0 disables).", rule=NON_NEGATIVE)
+PRECISION = Setting(str, "auto", "Compute precision (auto: bf16 on a bf16 GPU, else fp32).",
+                    PRECISIONS)  # fmt: skip
+SEED = Setting(int, 42, "Seed of data order, initialisation and sampling.")
+
+# --- the run -------------------------------------------------------------------------------------
+OUTPUT_DIR = Setting(str, None, "Run directory (default: runs/COMMAND-TIMESTAMP).", resumable=True)
+OVERWRITE = Setting(bool, False, "Replace the contents of a non-empty output directory.", resumable=True)
+RESUME = Setting(bool, False, "Continue from the last checkpoint in the output directory.", resumable=True)
+EVAL_EVERY = Setting(int, 100, "Evaluate every N optimizer steps (0: only at start and end).",
+                     rule=NON_NEGATIVE, resumable=True)  # fmt: skip
+SAVE_EVERY = Setting(int, 500, "Checkpoint every N optimizer steps (0: only at the end).",
+                     rule=NON_NEGATIVE, resumable=True)  # fmt: skip
+SAVE_TOTAL_LIMIT = Setting(int, 2, "Checkpoints kept (oldest removed).", rule=at_least(1), resumable=True)
+LOG_EVERY = Setting(int, 1, "Log train metrics every N optimizer steps.", rule=at_least(1), resumable=True)
+MAX_STEPS_PER_RUN = Setting(int, None, "Stop with a checkpoint after N steps in this invocation "
+                                       "(for time-limited jobs; --resume later).", rule=at_least(1), resumable=True)  # fmt: skip
+REPORT_TO = Setting(str, "jsonl", "Trackers besides metrics.jsonl (always written).", TRACKERS,
+                    resumable=True)
+WANDB_PROJECT = Setting(str, "direct-align", "W&B project.")
+RUN_NAME = Setting(str, None, "Run name for trackers (default: output directory name).", resumable=True)
+CACHE_DIR = Setting(str, None, "Cache for reference log-probs and the built-in task (default: "
+                               "$DIRECT_ALIGN_CACHE or ~/.cache/direct_align).", resumable=True)  # fmt: skip
+
+# --- sampling (online DPO, label, PPO) -----------------------------------------------------------
+MAX_NEW_TOKENS = Setting(int, 128, "Most tokens per sampled response.", rule=at_least(1))
+TEMPERATURE = Setting(float, 1.0, "Sampling temperature.", rule=POSITIVE)
+
+# --- the built-in task ---------------------------------------------------------------------------
+LABEL_NOISE = Setting(float, 0.0, "Built-in task: share of preference labels flipped.",
+                      rule=within(0, 0.5))  # fmt: skip
+EVAL_PROMPTS = Setting(int, 128, "Built-in task: held-out prompts sampled for the reward table.",
+                       rule=at_least(1))  # fmt: skip
 
 
-def same(name: str, default: Any = _KEEP, help: str | None = None) -> Any:
-    """The field ``name`` of :class:`~direct_align.config.TrainConfig`, optionally with another
-    default or help text."""
-    shared = FIELDS[name]
-    metadata = {"help": help or shared.metadata["help"], "choices": shared.metadata["choices"]}
-    return field(default=shared.default if default is _KEEP else default, metadata=metadata)
+# --- groups of settings that commands share -------------------------------------------------------
 
 
-def own(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A field of the command's own (its type goes in the command's ``own_types``)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+@dataclass
+class PairDataSettings:
+    """Preference pairs to train on and to hold out (`train`, `train-rm`)."""
+
+    dataset: str | None = DATASET.field()
+    eval_dataset: str | None = EVAL_DATASET.field()
+    split: str = SPLIT.field()
+    eval_split: str | None = EVAL_SPLIT.field()
+    format: str = FORMAT.field()
+    eval_fraction: float = EVAL_FRACTION.field()
+    max_length: int = MAX_LENGTH.field()
+    max_prompt_length: int | None = MAX_PROMPT_LENGTH.field()
 
 
-class Fields:
-    """Parsing of one command's settings: shared fields as `train` parses them, own fields by
-    ``own_types`` (``name → type``; a field whose default is None may be left empty)."""
+@dataclass
+class BatchSettings:
+    """Steps over epochs of micro-batches of pairs (`train`, `train-rm`)."""
 
-    def __init__(self, config_cls: type, own_types: dict[str, type]) -> None:
-        self.config_cls = config_cls
-        self.fields = {f.name: f for f in dataclasses.fields(config_cls)}
-        self.own_types = own_types
-
-    def base_type(self, name: str) -> type:
-        """The type a flag's value is parsed to (``X`` of ``X | None``)."""
-        return self.own_types.get(name) or _base_type(name)
-
-    def coerce(self, name: str, value: Any, where: str) -> Any:
-        """Convert ``value`` to the type of field ``name``, as :func:`direct_align.config.coerce`."""
-        if name not in self.own_types:
-            return coerce(name, value, where)
-        tp = self.own_types[name]
-        if value is None and self.fields[name].default is None:
-            return None
-        try:
-            if tp is bool:
-                return parse_bool(value)
-            if isinstance(value, bool) or (tp is int and isinstance(value, float)):
-                raise ValueError
-            value = tp(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: '{name}' must be {tp.__name__}, got {value!r}") from None
-        choices = self.fields[name].metadata.get("choices")
-        if choices and value not in choices:
-            raise ConfigError(f"unknown {name} '{value}' (choose from {', '.join(choices)})")
-        return value
-
-    def resolve(self, cli: dict[str, Any], preset: dict[str, Any], run_prefix: str) -> Any:
-        """A config from the field defaults, under ``preset`` (the built-in task's recipe, only
-        when neither ``model`` nor ``dataset`` is given), under the CLI values (None: not
-        given); the output directory defaults to ``runs/PREFIX-TIMESTAMP``. Not yet validated."""
-        explicit = {k: self.coerce(k, v, "--" + k.replace("_", "-"))
-                    for k, v in cli.items() if v is not None}  # fmt: skip
-        builtin = explicit.get("model") is None and explicit.get("dataset") is None
-        cfg = self.config_cls(**{**(preset if builtin else {}), **explicit})
-        if cfg.output_dir is None:
-            cfg.output_dir = str(Path("runs") / f"{run_prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
-        return cfg
+    epochs: int = EPOCHS.field()
+    max_steps: int | None = MAX_STEPS.field()
+    batch_size: int = BATCH_SIZE.field()
+    eval_batch_size: int | None = EVAL_BATCH_SIZE.field()
+    grad_accum: int = GRAD_ACCUM.field()
 
 
-def shared_checks(cfg: Any) -> list[tuple[bool, str]]:
-    """`train`'s checks of the shared settings that ``cfg`` has, as (ok, message) pairs."""
-    get = lambda name, fallback: getattr(cfg, name, fallback)  # noqa: E731
-    return [
-        (get("max_length", 2) >= 2, f"--max-length must be at least 2, got {get('max_length', 2)}"),
-        (get("max_prompt_length", None) is None or cfg.max_prompt_length >= 1,
-         "--max-prompt-length must be at least 1"),
-        (get("batch_size", 1) >= 1, "--batch-size must be at least 1"),
-        (get("eval_batch_size", None) is None or cfg.eval_batch_size >= 1,
-         "--eval-batch-size must be ≥ 1"),
-        (get("grad_accum", 1) >= 1, "--grad-accum must be at least 1"),
-        (get("epochs", 1) >= 1, "--epochs must be at least 1"),
-        (get("max_steps", None) is None or cfg.max_steps >= 1, "--max-steps must be at least 1"),
-        (get("learning_rate", 1) > 0, "--learning-rate must be > 0"),
-        (get("weight_decay", 0) >= 0, "--weight-decay must be ≥ 0"),
-        (0 <= get("warmup_ratio", 0) < 1, "--warmup-ratio must be in [0, 1)"),
-        (get("max_grad_norm", 0) >= 0, "--max-grad-norm must be ≥ 0"),
-        (0 < get("eval_fraction", 0.5) < 1, "--eval-fraction must be in (0, 1)"),
-        (get("eval_every", 0) >= 0, "--eval-every must be ≥ 0"),
-        (get("log_every", 1) >= 1, "--log-every must be at least 1"),
-        (0 <= get("label_noise", 0) < 0.5, "--label-noise must be in [0, 0.5)"),
-        (get("eval_prompts", 1) >= 1, "--eval-prompts must be at least 1"),
-    ]  # fmt: skip
+@dataclass
+class OptimSettings:
+    """AdamW, its schedule and clipping, precision and seed (every training command)."""
+
+    learning_rate: float = LEARNING_RATE.field()
+    weight_decay: float = WEIGHT_DECAY.field()
+    warmup_ratio: float = WARMUP_RATIO.field()
+    lr_scheduler: str = LR_SCHEDULER.field()
+    max_grad_norm: float = MAX_GRAD_NORM.field()
+    precision: str = PRECISION.field()
+    seed: int = SEED.field()
 
 
-def check_all(checks: Iterable[tuple[bool, str]]) -> None:
-    """Raise :class:`ConfigError` with the message of the first failed check."""
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+@dataclass
+class RunSettings:
+    """The run directory, resume, cadence, trackers and cache (every training command)."""
+
+    output_dir: str | None = OUTPUT_DIR.field()
+    overwrite: bool = OVERWRITE.field()
+    resume: bool = RESUME.field()
+    eval_every: int = EVAL_EVERY.field()
+    save_every: int = SAVE_EVERY.field()
+    save_total_limit: int = SAVE_TOTAL_LIMIT.field()
+    log_every: int = LOG_EVERY.field()
+    max_steps_per_run: int | None = MAX_STEPS_PER_RUN.field()
+    report_to: str = REPORT_TO.field()
+    wandb_project: str = WANDB_PROJECT.field()
+    run_name: str | None = RUN_NAME.field()
+    cache_dir: str | None = CACHE_DIR.field()
+
+
+# --- what every command does with these ------------------------------------------------------------
+
+
+def complete_output_dir(cfg: Any, prefix: str) -> None:
+    """Default ``output_dir``: a new ``runs/PREFIX-TIMESTAMP``; ``--resume`` needs it given."""
+    if cfg.output_dir is None:
+        if getattr(cfg, "resume", False):
+            raise ConfigError("--resume needs the --output-dir of the run to continue")
+        cfg.output_dir = str(Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run_checks(cfg: Any) -> list[tuple[bool, str]]:
+    """(ok, message) for the run settings that exclude each other."""
+    return [(not (getattr(cfg, "resume", False) and cfg.overwrite),
+             "--resume and --overwrite exclude each other")]  # fmt: skip
+
+
+def uses_bf16(cfg: Any) -> bool:
+    """Whether a run computes in bf16 (``--precision auto``: on a GPU that supports it)."""
+    return cfg.precision == "bf16" or (
+        cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    )

@@ -45,14 +45,15 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config
 
-from direct_align.config import TrainConfig
 from direct_align.data import PairDataset
 from direct_align.data.batching import Batcher
 from direct_align.data.packing import build_batch
+from direct_align.engine.tracking import peak_memory_gb
 from direct_align.errors import ConfigError
 from direct_align.losses import preference_loss
-from direct_align.run import preference_model
-from direct_align.trainer import peak_memory_gb
+from direct_align.models.loading import preference_model
+from direct_align.preference.settings import TrainConfig
+from direct_align.settings import uses_bf16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mfu import NOMINAL_PEAK, ModelShape, measured_peak, step_work, sync  # noqa: E402
@@ -136,7 +137,7 @@ def train_direct_align(variant: str, opts: argparse.Namespace, plan: Plan) -> di
     """Per-step seconds and peak memory of direct_align's DPO steps in ``variant``."""
     device = opts.device
     cfg = TrainConfig(**VARIANTS[variant], gradient_checkpointing=opts.gradient_checkpointing)
-    model = preference_model(build_model(opts.shape, device), cfg)
+    model = preference_model(build_model(opts.shape, device), cfg, bf16=uses_bf16(cfg))
     if cfg.gradient_checkpointing:
         model.model.gradient_checkpointing_enable()
     model.train()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from direct_align.builtin.build import BuiltinSpec, default_cache_dir, ensure_builtin
 from direct_align.builtin.task import true_reward
-from direct_align.evaluate import generation_report
+from direct_align.generation import generation_report
 from direct_align.models.loading import load_causal_lm, load_tokenizer
 
 RECIPE = ["--learning-rate", "1e-4", "--batch-size", "32", "--max-length", "64",

@@ -27,14 +27,17 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vs_trl import build  # noqa: E402
 
-from direct_align.config import TrainConfig  # noqa: E402
 from direct_align.data import prepare_pairs  # noqa: E402
 from direct_align.data.batching import Batcher  # noqa: E402
 from direct_align.data.packing import TokenBatch, build_batch  # noqa: E402
 from direct_align.losses import preference_loss  # noqa: E402
-from direct_align.models.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from direct_align.models.loading import (  # noqa: E402
+    load_causal_lm,
+    load_tokenizer,
+    preference_model,  # noqa: E402
+)
 from direct_align.models.logprobs import SequenceLogps  # noqa: E402
-from direct_align.run import preference_model  # noqa: E402
+from direct_align.preference.settings import TrainConfig  # noqa: E402
 
 # Profiler event names (prefixes) that make up each part of the backward pass.
 ATTENTION_BACKWARD = ("ScaledDotProduct", "SdpaBackward", "SegmentAttention")
@@ -100,7 +103,7 @@ def main() -> None:
     cfg = TrainConfig(layout=opts.layout, attn=opts.attn, chunked_logprobs=opts.chunked)
     tokenizer = load_tokenizer(str(opts.work / "model"))
     data = prepare_pairs(str(opts.work / "train.jsonl"), tokenizer, max_length=512).pairs
-    model = preference_model(load_causal_lm(str(opts.work / "model")), cfg)
+    model = preference_model(load_causal_lm(str(opts.work / "model")), cfg, bf16=False)
     if opts.gradient_checkpointing:
         model.model.gradient_checkpointing_enable()
     model.train()

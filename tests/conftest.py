@@ -20,6 +20,20 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 
 from direct_align.builtin.task import sample_corpus  # noqa: E402
 from direct_align.builtin.tokenizer import build_tokenizer  # noqa: E402
+from direct_align.config import resolve  # noqa: E402
+from direct_align.preference.settings import TrainConfig  # noqa: E402
+
+
+def train_settings(flags: dict, config_file: str | None = None) -> TrainConfig:
+    """`direct-align train`'s settings from flag values (as the CLI passes them) and a YAML."""
+    return resolve(TrainConfig, flags, config_file)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/integration/ runs whole commands: slow (``-m "not slow"`` skips it)."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ full-logits reference computation every fast layout must match."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -11,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, 
 from conftest import make_tiny_model
 from direct_align.data import PairDataset
 from direct_align.data.packing import LAYOUTS, build_batch
+from direct_align.models.attention import use_segment_attention
 from direct_align.models.logprobs import PreferenceModel, SequenceLogps
 
 PAD = 0
@@ -100,3 +102,43 @@ def assert_sums_close(out: SequenceLogps, ref: SequenceLogps, atol: float = ATOL
     torch.testing.assert_close(out.rejected, ref.rejected, rtol=0, atol=atol)
     assert torch.equal(out.chosen_lengths, ref.chosen_lengths)
     assert torch.equal(out.rejected_lengths, ref.rejected_lengths)
+
+
+def wrap(model: PreTrainedModel, layout: str) -> PreferenceModel:
+    """The plain computation for padded rows; segment attention and chunked head otherwise."""
+    if layout == "padded":
+        return PreferenceModel(model, chunked=False, attention="mask")
+    switched = copy.deepcopy(model)
+    use_segment_attention(switched)
+    return PreferenceModel(switched, chunked=True, attention="segments")
+
+
+@torch.no_grad()
+def manual_logp(model: PreTrainedModel, prompt: list[int], response: list[int]) -> float:
+    """log p(response | prompt): one unpadded sequence, log_softmax and a gather loop."""
+    ids = prompt + response
+    logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+    return sum(logp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
+
+
+def eos_pairs(shapes: list[tuple[int, int, int]], seed: int) -> PairDataset:
+    """Pairs of random non-special token ids with (prompt, chosen, rejected) lengths ``shapes``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(5, 380, (n,), generator=g).tolist()
+
+    return PairDataset(
+        [[1, *ids(p - 1)] for p, _, _ in shapes],
+        [[*ids(c - 1), 2] for _, c, _ in shapes],
+        [[*ids(r - 1), 2] for _, _, r in shapes],
+    )
+
+
+# Very different lengths in no particular order, so sorting by length reorders them.
+EOS_SHAPES = [(40, 20, 30), (3, 2, 4), (25, 10, 3), (2, 3, 2), (60, 15, 25), (8, 5, 6), (4, 30, 2)]
+
+
+def plain(model: PreTrainedModel) -> PreferenceModel:
+    """The plain computation: padded rows, full logits, the model's own attention."""
+    return PreferenceModel(model, chunked=False, attention="mask")

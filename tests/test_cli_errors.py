@@ -8,29 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from commands import fail, train_args
 
-from direct_align.cli import main
 from prefdata import rows, write_jsonl
 
 
 @pytest.fixture()
 def good(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "good.jsonl", rows("standard", 40, seed=3))
-
-
-def fail(capsys: pytest.CaptureFixture, args: list[str]) -> str:
-    """Run the CLI in-process; return its single error line after checking exit status 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0].removeprefix("error: ")
-
-
-def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(model), "--dataset", str(data), "--output-dir", str(out),
-            "--max-steps", "1", *extra]  # fmt: skip
 
 
 def test_malformed_jsonl_names_file_and_line(capsys, tiny_model_dir, good, tmp_path):
@@ -61,13 +46,13 @@ def test_malformed_csv_names_line(capsys, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--loss", "dpox"], "unknown loss 'dpox' (choose from dpo, ipo, hinge, robust, orpo, simpo)"),
-        (["--format", "xml"], "unknown format 'xml' (choose from auto, standard, conversational, implicit)"),
+        (["--loss", "dpox"], "--loss must be one of dpo, ipo, hinge, robust, orpo, simpo; got 'dpox' (did you mean 'dpo'?)"),
+        (["--format", "xml"], "--format must be one of auto, standard, conversational, implicit; got 'xml'"),
         (["--beta", "0"], "--beta must be > 0, got 0.0"),
         (["--beta", "-0.5"], "--beta must be > 0, got -0.5"),
-        (["--batch-size", "two"], "--batch-size: 'batch_size' must be int, got 'two'"),
+        (["--batch-size", "two"], "--batch-size must be an integer (finite), got 'two'"),
         (["--lossx", "dpo"], "No such option '--lossx'. Did you mean '--loss'?"),
-        (["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5)"),
+        (["--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5), got 0.5"),
     ],
 )  # fmt: skip
 def test_bad_options(capsys, tiny_model_dir, good, tmp_path, extra, expected):
@@ -95,7 +80,7 @@ def test_config_file_errors(capsys, tiny_model_dir, good, tmp_path):
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("loss: dpo\nbetta: 0.2\n")
     args = train_args(tiny_model_dir, good, tmp_path / "out", "--config", str(unknown))
-    assert fail(capsys, args) == f"{unknown}: unknown setting 'betta' (did you mean 'beta'?)"
+    assert fail(capsys, args) == f"{unknown}:2: unknown setting 'betta' (did you mean 'beta'?)"
     broken = tmp_path / "broken.yaml"
     broken.write_text("loss: dpo\nbeta: [0.1\nseed: 3\n")
     args = train_args(tiny_model_dir, good, tmp_path / "out", "--config", str(broken))
@@ -133,6 +118,7 @@ def test_ref_model_with_reference_free_loss(capsys, tiny_model_dir, good, tmp_pa
     assert fail(capsys, args) == "--ref-model: simpo is reference-free and uses no reference"
 
 
+@pytest.mark.slow  # a subprocess run
 @pytest.mark.parametrize("case", ["bad-json", "bad-model"])
 def test_no_traceback_in_a_real_process(case, tiny_model_dir, good, tmp_path):
     """The console sees exactly one line on stderr and exit status 2."""

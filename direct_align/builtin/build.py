@@ -29,8 +29,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from direct_align.builtin.task import sample_corpus, sample_prompts, true_reward
 from direct_align.builtin.tokenizer import build_tokenizer
-from direct_align.evaluate import encode_prompts, sample
-from direct_align.progress import progress
+from direct_align.data.prompts import encode_prompts
+from direct_align.engine.tracking import progress
+from direct_align.generation import sample
 
 log = logging.getLogger(__name__)
 RECIPE_VERSION = 2  # 2: a sample that decodes to blank text never enters a pair

@@ -20,9 +20,9 @@ import torch
 from direct_align.builtin.build import BuiltinSpec, default_cache_dir, ensure_builtin
 from direct_align.compare.execute import StageResult, run_cache, run_stage
 from direct_align.compare.plan import Method, plan
+from direct_align.compare.settings import CompareConfig
+from direct_align.engine.outputs import RunDir
 from direct_align.errors import ConfigError
-from direct_align.outputs import RunDir
-from direct_align.rm.run import check_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +68,20 @@ def replot(output_dir: str) -> dict[str, Any]:
     return result
 
 
-def run_compare(output_dir: str, *, quick: bool, seed: int, overwrite: bool,
-                cache_dir: str | None = None, only: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
-    """Run every planned method (or those named in ``only``) and write the table and plots."""
+def run_compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run every planned method (or those named in ``cfg.only``) and write the table and plots."""
     started = time.time()
-    run = RunDir(output_dir)
-    check_output_dir(run, overwrite)
+    quick, seed, overwrite = cfg.quick, cfg.seed, cfg.overwrite
+    run = RunDir(cfg.output_dir)
+    run.check(resume=False, overwrite=overwrite, resumable=False)
     shared_rm, methods = plan(quick, seed)
-    if only:
-        methods = [m for m in methods if m.method in only]
-    cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if cfg.only:
+        methods = [m for m in methods if m.method in cfg.only]
+    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     build_start = time.time()
     ensure_builtin(cache_root, BuiltinSpec())  # the SFT stage, shared by every method
     sft_s = round(time.time() - build_start, 1)
-    run.prepare(overwrite=overwrite)
-    run.checkpoints.rmdir()
+    run.prepare(overwrite=overwrite, checkpoints=False)
     runs, caches = run.path / "runs", run.path / "cache"
     runs.mkdir()
 

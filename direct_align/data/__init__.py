@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from direct_align.data.collate import IGNORE_INDEX, PairBatch, collate_pairs
 from direct_align.data.formats import (
     FORMAT_CHOICES,
@@ -32,6 +34,7 @@ from direct_align.data.tokenize import (
     fit_pair,
     tokenize_pairs,
 )
+from direct_align.errors import DataError
 
 __all__ = [
     "FORMATS",
@@ -49,6 +52,7 @@ __all__ = [
     "fit_pair",
     "load_source",
     "prepare_pairs",
+    "split_holdout",
     "to_text_pairs",
     "tokenize_pairs",
 ]
@@ -86,3 +90,12 @@ def prepare_pairs(
         pairs, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, source=source
     )
     return PreparedData(pairs=tokenized, stats=stats, format=pairs.format, source=source)
+
+
+def split_holdout(pairs: PairDataset, fraction: float, seed: int) -> tuple[PairDataset, PairDataset]:
+    """A seeded random share of the pairs for evaluation (at least one), the rest for training."""
+    if len(pairs) < 2:
+        raise DataError(f"need at least 2 pairs to hold out an eval split, got {len(pairs)}")
+    n_eval = max(1, round(fraction * len(pairs)))
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    return pairs.subset(order[n_eval:]), pairs.subset(order[:n_eval])

@@ -13,7 +13,9 @@ is the exact token count.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from functools import lru_cache
+from typing import Protocol
 
 import torch
 
@@ -87,3 +89,26 @@ class Batcher:
     def steps(self, epoch: int, grad_accum: int) -> int:
         """Optimizer steps in ``epoch``."""
         return math.ceil(len(self.micro_batches(epoch)) / grad_accum)
+
+    def total_steps(self, epochs: int, grad_accum: int, max_steps: int | None = None) -> int:
+        """``max_steps``, or the optimizer steps of ``epochs`` passes."""
+        return max_steps or sum(self.steps(e, grad_accum) for e in range(epochs))
+
+    def step_groups(self, grad_accum: int, position: Position) -> Iterator[list[list[int]]]:
+        """Yield the micro-batches of each optimizer step from ``position`` on (epochs repeat).
+
+        The caller advances ``position.micro`` by the micro-batches it trained on, so that the
+        position is always the one to checkpoint; the generator only reads it.
+        """
+        while True:
+            micro = self.micro_batches(position.epoch)
+            while position.micro < len(micro):
+                yield micro[position.micro : position.micro + grad_accum]
+            position.epoch, position.micro = position.epoch + 1, 0
+
+
+class Position(Protocol):
+    """Where a pass over the data is: the epoch, and micro-batches of it already consumed."""
+
+    epoch: int
+    micro: int

@@ -1,4 +1,4 @@
-"""Prompts for sampling (PPO rollouts): the `prompt` column of any data source, tokenized.
+"""Prompts to sample from (online DPO, `label`, PPO): the `prompt` column of any data source.
 
 A prompt is text, tokenized as training tokenizes a standard-format prompt (BOS, if the
 tokenizer has one, then the text), or a list of chat messages, rendered with the tokenizer's
@@ -8,6 +8,8 @@ weight.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from direct_align.data.conversation import (
@@ -17,13 +19,32 @@ from direct_align.data.conversation import (
     require_chat_template,
 )
 from direct_align.data.loading import load_source
+from direct_align.data.tokenize import left_truncate
 from direct_align.errors import DataError
-from direct_align.evaluate import encode_prompts
+
+
+@dataclass
+class Prompts:
+    """``texts[i]``, as a judge reads it (a chat prompt rendered by the template), and its
+    token ids ``ids[i]``, as the policy samples from it."""
+
+    texts: list[str]
+    ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompt ids as training sees a standard-format prompt: BOS (if any) then the text."""
+    ids = tokenizer(list(prompts), add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id
+    return [[bos, *p] if bos is not None and (not p or p[0] != bos) else p for p in ids]
 
 
 def load_prompts(source: str, tokenizer: Any, *, split: str | None = None,
-                 max_prompt_length: int | None = None) -> list[list[int]]:  # fmt: skip
-    """Token ids of every row's ``prompt``; with ``max_prompt_length``, its last tokens (BOS kept).
+                 keep: int | None = None) -> Prompts:  # fmt: skip
+    """Every row's ``prompt``; with ``keep``, its last ``keep`` tokens (a leading BOS kept).
 
     Raises:
         DataError: no `prompt` column, or a row whose prompt is empty or of another type.
@@ -48,12 +69,9 @@ def load_prompts(source: str, tokenizer: Any, *, split: str | None = None,
                 templated.append(True)
         except RowProblem as e:
             raise DataError(f"{source}: row {row}: {e}") from None
-    plain = encode_prompts(tokenizer, texts)
-    ids = tokenizer(texts, add_special_tokens=False).input_ids
-    prompts = [list(i) if t else p for p, i, t in zip(plain, ids, templated)]
-    if max_prompt_length is not None:
-        bos = tokenizer.bos_token_id
-        prompts = [p if len(p) <= max_prompt_length
-                   else ([bos] if p[0] == bos else []) + p[len(p) - max_prompt_length + (p[0] == bos):]
-                   for p in prompts]  # fmt: skip
-    return prompts
+    bos = tokenizer.bos_token_id
+    ids = [list(p) if t or bos is None or (p and p[0] == bos) else [bos, *p]  # as encode_prompts
+           for p, t in zip(tokenizer(texts, add_special_tokens=False).input_ids, templated)]  # fmt: skip
+    if keep is not None:
+        ids = [left_truncate(p, keep, bos) for p in ids]
+    return Prompts(texts, ids)

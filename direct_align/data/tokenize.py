@@ -117,7 +117,7 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [list(ids) for ids in encoded["input_ids"]]
 
 
-def _left_truncate(ids: list[int], keep: int, bos_id: int | None) -> list[int]:
+def left_truncate(ids: list[int], keep: int, bos_id: int | None) -> list[int]:
     """The last ``keep`` tokens of ``ids``; a leading BOS stays first."""
     if keep >= len(ids):
         return ids
@@ -148,7 +148,7 @@ def fit_pair(
     budget = max_length - keep
     if budget < 1:
         return None
-    return _left_truncate(prompt, keep, bos_id), chosen[:budget], rejected[:budget], True
+    return left_truncate(prompt, keep, bos_id), chosen[:budget], rejected[:budget], True
 
 
 def tokenize_pairs(

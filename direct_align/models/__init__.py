@@ -1,1 +1,2 @@
-"""Loading Hugging Face causal LMs and computing response log-probs."""
+"""Models: loading Hugging Face causal LMs and the policy, attention backends (segments, varlen,
+flash), LoRA, and response log-probs without materialised logits."""

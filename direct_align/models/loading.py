@@ -1,15 +1,23 @@
-"""Load tokenizers and causal LMs from a local directory or the Hugging Face Hub."""
+"""Load tokenizers and causal LMs from a local directory or the Hugging Face Hub, and the policy
+of preference training (with LoRA, attention backend and log-prob head as configured)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from direct_align.errors import ConfigError
+from direct_align.models.logprobs import PreferenceModel
+from direct_align.models.lora import ALL_LINEAR, apply_lora, trainable_summary
+from direct_align.models.varlen import choose_attention, use_varlen_attention
+
+log = logging.getLogger(__name__)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -56,3 +64,40 @@ def load_causal_lm(
         raise ConfigError(f"{option}: cannot load a causal LM from '{name}': "
                           f"{str(e).splitlines()[0]}") from None  # fmt: skip
     return model
+
+
+def preference_model(model: PreTrainedModel, cfg: Any, *, bf16: bool,
+                     device: torch.device | str | None = None) -> PreferenceModel:  # fmt: skip
+    """Wrap a causal LM for the settings' layout, attention and log-prob computation (``cfg``:
+    ``layout``, ``attn``, ``chunked_logprobs``).
+
+    ``device``: where the model will run (default: where its parameters are now); ``--attn
+    auto`` picks the best segment attention kernel available there (``bf16``: for bf16 compute).
+    """
+    if cfg.layout == "padded" or cfg.attn in ("sdpa", "eager"):
+        if cfg.attn in ("sdpa", "eager"):
+            model.set_attn_implementation(cfg.attn)
+        log.info("attention: %s with masks", model.config._attn_implementation)
+        return PreferenceModel(model, chunked=cfg.chunked_logprobs, attention="mask")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    name, why = choose_attention(cfg.attn, device, half=bf16)
+    use_varlen_attention(model, name)
+    log.info("attention: %s (%s)", name, why)
+    # every segment-based kernel reads the segments that PreferenceModel passes in "segments" mode
+    return PreferenceModel(model, chunked=cfg.chunked_logprobs, attention="segments")
+
+
+def load_policy(model_path: str, cfg: Any, *, bf16: bool, device: torch.device) -> PreferenceModel:
+    """The policy to train: the model at ``model_path``, with LoRA adapters when ``cfg.lora_r``
+    is set, wrapped by :func:`preference_model`, with gradient checkpointing when asked."""
+    model = load_causal_lm(model_path)
+    if cfg.lora_r is not None:
+        model = apply_lora(model, cfg)
+        log.info("LoRA r=%d alpha=%g on %s: %s", cfg.lora_r, cfg.lora_alpha,
+                 cfg.lora_targets or ALL_LINEAR, trainable_summary(model))  # fmt: skip
+    policy = preference_model(model, cfg, bf16=bf16, device=device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if cfg.lora_r is not None:  # frozen embeddings: recomputed blocks need an input that
+            model.enable_input_require_grads()  # requires grad to pass gradients to adapters
+    return policy

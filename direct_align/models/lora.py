@@ -22,9 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType
-from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -168,41 +165,6 @@ def save_final(model: Any, tokenizer: Any, path: Path, how: str = "adapter",
     else:
         model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
-
-
-def trained_only_checkpoints(accelerator: Accelerator, model: nn.Module) -> dict[str, Any]:
-    """Make ``accelerator.save_state`` write only the parameters that train, when some do not
-    (LoRA: the adapters, not the frozen base, which --model gives back on --resume); returns
-    the keywords ``accelerator.load_state`` then needs.
-
-    Loading checks that a checkpoint holds exactly this run's trained parameters.
-    """
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded or all(p.requires_grad for p in model.parameters()):
-        return {}  # FSDP and DeepSpeed write checkpoints their own way
-
-    def trained(m: nn.Module) -> set[str]:
-        return {name for name, p in m.named_parameters() if p.requires_grad}
-
-    def keep_trained(models: list[nn.Module], weights: list[dict[str, Any]], _: str) -> None:
-        for m, state in zip(models, weights):
-            for key in set(state) - trained(m):
-                del state[key]
-
-    def check_trained(models: list[nn.Module], input_dir: str) -> None:
-        for i, m in enumerate(models):
-            path = Path(input_dir) / (f"model_{i}.safetensors" if i else "model.safetensors")
-            if path.is_file():
-                with safe_open(str(path), "pt") as f:
-                    keys = set(f.keys())
-                if keys != trained(m):
-                    raise ConfigError(f"{path}: holds {len(keys)} tensors, not this run's "
-                                      f"{len(trained(m))} trained parameters (other --lora-* "
-                                      "settings?)")  # fmt: skip
-
-    accelerator.register_save_state_pre_hook(keep_trained)
-    accelerator.register_load_state_pre_hook(check_trained)
-    return {"strict": False}  # the frozen weights are not in the checkpoint
 
 
 def trainable_summary(model: nn.Module) -> str:

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from direct_align.report import _fmt
+from direct_align.engine.tracking import table
 
 
 def print_ppo_summary(summary: dict[str, Any], output_dir: str) -> None:
@@ -20,9 +20,7 @@ def print_ppo_summary(summary: dict[str, Any], output_dir: str) -> None:
                 ("KL(policy‖reference) of samples, nats", 0.0, b["policy/kl"]),
                 ("response tokens per sample", b["reference/response_tokens"],
                  b["policy/response_tokens"])]  # fmt: skip
-        width = max(len(r[0]) for r in rows)
-        lines.append(f"{'':<{width}}  {'reference':>10}  {'policy':>10}")
-        lines += [f"{name:<{width}}  {_fmt(a):>10}  {_fmt(c):>10}" for name, a, c in rows]
+        lines.append(table(["", "reference", "policy"], rows))
     stages = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s"
                        for k, v in summary["stages"].items())  # fmt: skip
     lines.append(f"{summary['rollouts']} rollouts, {summary['responses']} responses "

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import PreTrainedModel
 
-from direct_align.evaluate import left_pad
+from direct_align.generation import left_pad
 from direct_align.ppo.models import ActorCritic, reference_logps, reward_scores
 
 

@@ -18,8 +18,8 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from direct_align.data import PairBatch, fit_pair
+from direct_align.data.prompts import encode_prompts
 from direct_align.errors import ConfigError
-from direct_align.evaluate import encode_prompts
 from direct_align.models.loading import check_model_path
 
 

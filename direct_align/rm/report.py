@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from direct_align.report import _fmt
+from direct_align.engine.tracking import table
 
 
 def print_rm_summary(summary: dict[str, Any], output_dir: str) -> None:
@@ -25,9 +25,7 @@ def print_rm_summary(summary: dict[str, Any], output_dir: str) -> None:
             ("vs hidden reward: Spearman", b["initial"]["spearman"], b["final"]["spearman"]),
             ("vs hidden reward: Pearson", b["initial"]["pearson"], b["final"]["pearson"]),
         ]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'':<{width}}  {'initial':>10}  {'trained':>10}"]
-    lines += [f"{name:<{width}}  {_fmt(a):>10}  {_fmt(b):>10}" for name, a, b in rows]
+    lines = [table(["", "initial", "trained"], rows)]
     lines.append(f"{summary['steps']} steps, {summary['train_pairs']} pairs, "
                  f"{summary['runtime_s']:.0f} s → {output_dir}/final")  # fmt: skip
     click.echo("\n" + "\n".join(lines))

@@ -1,0 +1,38 @@
+"""Settings of `direct-align compare`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from direct_align import settings as s
+from direct_align.config import Setting
+
+METHODS = ("dpo", "ipo", "orpo", "simpo", "ppo", "online-dpo")
+
+
+@dataclass
+class CompareConfig:
+    """Settings of one comparison (every run's own settings are in its command line)."""
+
+    quick: bool = Setting(bool, False, "One strength per method and short runs (a few minutes; "
+                                       "what the tests run).").field()  # fmt: skip
+    output_dir: str | None = s.OUTPUT_DIR.field(help="Where the table, plots and every run go "
+                                                     "(default: runs/compare-TIMESTAMP).")  # fmt: skip
+    overwrite: bool = s.OVERWRITE.field()
+    seed: int = s.SEED.field(help="Seed of every run.")
+    cache_dir: str | None = s.CACHE_DIR.field(help="Cache of the built-in task.")
+    only: list[str] = Setting(list, None, "Run only this method (repeatable).", METHODS).field()
+    plots_only: bool = Setting(bool, False, "Redraw the plots and table of --output-dir from its "
+                                            "comparison.json.").field()  # fmt: skip
+
+    builtin_preset: ClassVar[dict[str, Any]] = {}
+
+    def complete(self) -> None:
+        if self.output_dir is None and not self.plots_only:
+            self.output_dir = f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def checks(self) -> list[tuple[bool, str]]:
+        return [(self.output_dir is not None or not self.plots_only,
+                 "--plots-only needs the --output-dir of a comparison")]  # fmt: skip

@@ -1,0 +1,369 @@
+"""What every training loop shares, and nothing of any algorithm.
+
+Functions: :func:`make_optimizer` (AdamW and the warmup-then-decay schedule), :func:`prepare`
+(the engine: DDP, FSDP or DeepSpeed), :func:`accumulate` (forward and backward over a step's
+micro-batches: no_sync, weights, the non-finite guard, sums across processes) and
+:func:`clipped_step`. One small object, :class:`Loop`, owns what every loop keeps: its state (the
+step and the algorithm's own counters), resume, the log/eval/save cadence, checkpoints,
+``--max-steps-per-run`` and the stop on SIGTERM/SIGINT. Each algorithm writes its own loop
+function with these pieces (:mod:`direct_align.preference.offline`, ``.online``,
+:mod:`direct_align.rm.loop`, :mod:`direct_align.ppo.loop`), readable top to bottom.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors import safe_open
+from torch import nn
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
+
+from direct_align.engine.distributed import any_across, backward, configure_deepspeed, sum_across
+from direct_align.engine.outputs import read_state
+from direct_align.engine.tracking import peak_memory_gb, progress
+from direct_align.errors import ConfigError, DirectAlignError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup,
+             "constant": get_constant_schedule_with_warmup}  # fmt: skip
+
+
+class NonFinite(DirectAlignError):
+    """A loss or gradient norm that is NaN or infinite, caught before it reached the weights."""
+
+
+class Optimization(Protocol):
+    """The settings :func:`make_optimizer` reads."""
+
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    lr_scheduler: str
+
+
+# --- optimizer, schedule, engine --------------------------------------------------------------
+
+
+def make_optimizer(params: Iterable[nn.Parameter], cfg: Optimization,
+                   total: int) -> tuple[torch.optim.Optimizer, Any]:  # fmt: skip
+    """AdamW over the parameters that train (with LoRA: the adapters alone) and the configured
+    warmup-then-decay schedule over ``total`` optimizer steps."""
+    trainable = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = round(cfg.warmup_ratio * total)
+    kwargs = {} if cfg.lr_scheduler == "constant" else {"num_training_steps": total}
+    return optimizer, SCHEDULES[cfg.lr_scheduler](optimizer, num_warmup_steps=warmup, **kwargs)
+
+
+def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+            accelerator: Accelerator, micro_batch_size: int,
+            max_grad_norm: float) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:  # fmt: skip
+    """The model and optimizer handed to the engine (DDP, FSDP or DeepSpeed, its batch and
+    clipping settings first), the schedule saved with every checkpoint. Returns (model,
+    optimizer, the keywords ``accelerator.load_state`` needs: when only some parameters train,
+    checkpoints hold those alone)."""
+    configure_deepspeed(accelerator, micro_batch_size, max_grad_norm)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    return model, optimizer, _trained_only_checkpoints(accelerator, model)
+
+
+def _trained_only_checkpoints(accelerator: Accelerator, model: nn.Module) -> dict[str, Any]:
+    """Make ``accelerator.save_state`` write only the parameters that train, when some do not
+    (LoRA: the adapters, not the frozen base, which --model gives back on --resume); loading
+    checks that a checkpoint holds exactly this run's trained parameters."""
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded or all(p.requires_grad for p in model.parameters()):
+        return {}  # FSDP and DeepSpeed write checkpoints their own way
+
+    def trained(m: nn.Module) -> set[str]:
+        return {name for name, p in m.named_parameters() if p.requires_grad}
+
+    def keep_trained(models: list[nn.Module], weights: list[dict[str, Any]], _: str) -> None:
+        for m, state in zip(models, weights):
+            for key in set(state) - trained(m):
+                del state[key]
+
+    def check_trained(models: list[nn.Module], input_dir: str) -> None:
+        for i, m in enumerate(models):
+            path = Path(input_dir) / (f"model_{i}.safetensors" if i else "model.safetensors")
+            if path.is_file():
+                with safe_open(str(path), "pt") as f:
+                    keys = set(f.keys())
+                if keys != trained(m):
+                    raise ConfigError(f"{path}: holds {len(keys)} tensors, not this run's "
+                                      f"{len(trained(m))} trained parameters (other --lora-* "
+                                      "settings?)")  # fmt: skip
+
+    accelerator.register_save_state_pre_hook(keep_trained)
+    accelerator.register_load_state_pre_hook(check_trained)
+    return {"strict": False}  # the frozen weights are not in the checkpoint
+
+
+# --- one optimizer step -------------------------------------------------------------------------
+
+
+@dataclass
+class Forward:
+    """What an algorithm's forward of one micro-batch gives :func:`accumulate`."""
+
+    loss: torch.Tensor  # scalar: the micro-batch's mean loss
+    metrics: dict[str, float]  # its means (the same keys in every micro-batch)
+    tokens: int  # tokens computed
+
+
+def accumulate(model: nn.Module, local: Sequence[tuple[T, bool]], forward: Callable[[T], Forward],
+               weight: Callable[[T], float], *, accelerator: Accelerator,
+               ) -> tuple[dict[str, float], int]:  # fmt: skip
+    """Forward and backward of this process's micro-batches of one optimizer step.
+
+    ``local``: (micro-batch, real) pairs, as many in every process (DDP and FSDP communicate in
+    every backward): a stand-in (real False) keeps the processes in step with weight 0
+    (:func:`~direct_align.engine.distributed.even_share`). Each loss is weighted by its
+    micro-batch's ``weight`` (pairs, tokens) over the step's total across the processes, and by
+    the process count, which DDP's gradient average undoes: the step's gradient is that of the
+    weighted mean over all its micro-batches. Gradients are reduced after the last micro-batch
+    only. A non-finite loss in any process stops every process before its backward
+    (:class:`NonFinite`). Returns (the step's weighted metrics and ``loss``, tokens computed),
+    both over all processes.
+    """
+    weights = [weight(item) if real else 0.0 for item, real in local]
+    total = sum_across({"weight": sum(weights)}, accelerator)["weight"]
+    scale = accelerator.num_processes
+    sums: dict[str, float] = {}
+    tokens = 0
+    model.train()
+    for k, ((item, real), w) in enumerate(zip(local, weights)):
+        last = k == len(local) - 1
+        with nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+            out = forward(item)
+        if any_across(not torch.isfinite(out.loss), accelerator):
+            raise NonFinite(f"the loss is non-finite ({out.loss.item()} in process "
+                            f"{accelerator.process_index})")  # fmt: skip
+        share = w / total
+        backward(accelerator, out.loss * share * scale, last=last)
+        for key, value in {"loss": out.loss.item(), **out.metrics}.items():
+            sums[key] = sums.get(key, 0.0) + value * share
+        tokens += out.tokens * real
+    totals = sum_across({**sums, "tokens": float(tokens)}, accelerator)
+    return totals, int(totals.pop("tokens"))
+
+
+def clipped_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
+                 accelerator: Accelerator, max_grad_norm: float) -> float:  # fmt: skip
+    """Clip the gradients to ``max_grad_norm`` (0: no clipping, the norm is still measured),
+    step the optimizer and the schedule, clear the gradients; returns the norm before clipping."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or 1e30)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
+# --- the loop's state, cadence and stops ----------------------------------------------------------
+
+
+class State(Protocol):
+    """An algorithm's loop state: a dataclass with ``step`` (the unit of the cadence)."""
+
+    step: int
+
+
+S = TypeVar("S", bound=State)
+
+
+class Cadence(Protocol):
+    """The settings :class:`Loop` reads."""
+
+    log_every: int
+    eval_every: int
+    save_every: int
+    save_total_limit: int
+    max_steps_per_run: int | None
+
+
+@dataclass
+class EpochState:
+    """The state of a loop over epochs of micro-batches (offline preference, reward model):
+    ``epoch`` and ``micro`` are the data position a checkpoint resumes from."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current pass over the data
+    micro: int = 0  # micro-batches of this epoch already consumed
+    pairs_seen: int = 0  # pairs trained on, counted again in every epoch
+    train_seconds: float = 0.0  # time in optimizer steps (evaluation and checkpoints excluded)
+
+
+class LogWindow:
+    """Step metrics summed since the last log line, and the tokens computed since then."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, step_metrics: dict[str, float], tokens: int = 0) -> None:
+        for key, value in step_metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+        self.tokens += tokens
+
+    def flush(self, device: torch.device) -> dict[str, float]:
+        """The window's means as ``train/*`` metrics with throughput and memory; starts anew."""
+        logged = {f"train/{k}": v / max(self.steps, 1) for k, v in self.sums.items()}
+        logged |= {"perf/tokens_per_s": self.tokens / (time.perf_counter() - self.start),
+                   "perf/peak_mem_gb": peak_memory_gb(device)}  # fmt: skip
+        self.__init__()
+        return logged
+
+
+class Loop(Generic[S]):
+    """The state every training loop keeps, and when to log, evaluate, save and stop.
+
+    ``state``: the algorithm's dataclass (``step`` counts the unit of ``total`` and of the
+    cadence: optimizer steps, or PPO's rollouts); it is what a checkpoint stores besides the
+    engine's weights, optimizer, schedule and RNG, under ``state_key``. The loop function calls
+    :meth:`step` around each unit of work and :meth:`boundary` wherever a checkpoint can be
+    taken (after every step offline, after a round online); cadences fire when a boundary
+    passes a multiple of their setting, so they work when boundaries are several steps apart.
+    """
+
+    def __init__(self, session: Any, state: S, *, total: int, cfg: Cadence, desc: str,
+                 state_key: str = "train_state", unit: str = "step",
+                 until: Callable[[S], bool] | None = None) -> None:  # fmt: skip
+        self.session = session
+        self.accelerator: Accelerator = session.accelerator
+        self.state = state
+        self.total = total  # steps in the schedule
+        self.cfg = cfg
+        self.state_key = state_key
+        self.window = LogWindow()
+        self.bar: Any = None
+        self.last_step_seconds = 0.0
+        self._desc, self._unit = desc, unit
+        self._until = until or (lambda st: st.step >= total)
+        self._steps_at_start = 0
+        self._last_boundary = 0
+        self._saved: dict[str, Any] | None = None  # the state of the last checkpoint
+
+    # -- resume ---------------------------------------------------------------------------------
+    def resume(self, load_kwargs: dict[str, Any] | None = None) -> bool:
+        """On ``--resume``: weights, optimizer, schedule and RNG from the last checkpoint, and
+        the state; returns whether it resumed."""
+        checkpoint = self.session.checkpoint_to_resume()
+        if checkpoint is None:
+            return False
+        self.accelerator.load_state(str(checkpoint), **(load_kwargs or {}))
+        saved = read_state(checkpoint)[self.state_key]
+        self.state = type(self.state)(**saved)
+        self._steps_at_start = self._last_boundary = self.state.step
+        self._saved = saved
+        log.info("resuming from %s (%s %d of %d)", checkpoint, self._unit, self.state.step,
+                 self.total)  # fmt: skip
+        return True
+
+    # -- running ----------------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        return self._until(self.state)
+
+    @property
+    def unsaved(self) -> bool:
+        """Whether the state moved since the last checkpoint (or the start)."""
+        return asdict(self.state) != (self._saved or asdict(type(self.state)()))
+
+    @contextmanager
+    def running(self, total: int | None = None, initial: int | None = None,
+                unit: str | None = None) -> Iterator[Loop[S]]:  # fmt: skip
+        """The progress bar around the loop (by default in steps; ``total``, ``initial`` and
+        ``unit`` count something else, e.g. online rounds)."""
+        self.bar = progress(total=self.total if total is None else total,
+                            initial=self.state.step if initial is None else initial,
+                            desc=self._desc, unit=unit or self._unit,
+                            disable=not self.accelerator.is_main_process)  # fmt: skip
+        try:
+            yield self
+        finally:
+            self.bar.close()
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Around one unit of work: counts it and its time; a :class:`NonFinite` inside becomes
+        an error that names the step and the last checkpoint (the weights were not updated)."""
+        start = time.perf_counter()
+        try:
+            yield
+        except NonFinite as e:
+            where = self.session.run.last_checkpoint()
+            raise DirectAlignError(f"{self._unit} {self.state.step + 1}: {e}; the weights were "
+                                   f"not updated; last checkpoint: {where}") from None  # fmt: skip
+        self.state.step += 1
+        self.last_step_seconds = time.perf_counter() - start
+        if hasattr(self.state, "train_seconds"):
+            self.state.train_seconds += self.last_step_seconds
+
+    def record(self, metrics: dict[str, float], tokens: int, **shown: float) -> None:
+        """A step's metrics into the log window, and the progress bar one step on, showing
+        ``shown`` (e.g. ``loss=...``)."""
+        self.window.add(metrics, tokens)
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
+
+    def log_train(self, extra: dict[str, float]) -> None:
+        """When ``log_every`` is due (and at the last step): the window's means, throughput and
+        memory, with ``extra`` (e.g. the learning rate), to the tracker."""
+        if self.log_due():
+            self.session.tracker.log(self.window.flush(self.accelerator.device) | extra,
+                                     self.state.step)  # fmt: skip
+
+    def eval_due(self) -> bool:
+        """Evaluations run every ``eval_every`` steps; the final one is the loop function's."""
+        return self.due(self.cfg.eval_every) and not self.finished
+
+    def due(self, every: int) -> bool:
+        """Whether the steps since the last boundary passed a multiple of ``every`` (0: never)."""
+        return bool(every) and self.state.step // every > self._last_boundary // every
+
+    def log_due(self) -> bool:
+        """Train metrics are logged every ``log_every`` steps and at the last."""
+        return self.due(self.cfg.log_every) or self.finished
+
+    def boundary(self) -> bool:
+        """A point where a checkpoint can be taken: save when ``save_every`` is due; on a stop
+        signal (to any process: all stop at the same step) save and raise :class:`Interrupted`;
+        when this invocation's ``max_steps_per_run`` are done, save and return True (stop)."""
+        save = self.due(self.cfg.save_every) and not self.finished
+        self._last_boundary = self.state.step
+        stop = self.session.stop_requested()
+        done_here = self.state.step - self._steps_at_start
+        pause = bool(self.cfg.max_steps_per_run) and done_here >= self.cfg.max_steps_per_run
+        pause = pause and not self.finished
+        if save or stop or pause:
+            self.checkpoint()
+        if stop:
+            raise self.session.interrupted(f"at {self._unit} {self.state.step}")
+        if pause:
+            log.info("stopping after %d %ss in this run (%d of %d); continue with --resume",
+                     done_here, self._unit, self.state.step, self.total)  # fmt: skip
+        return pause
+
+    def checkpoint(self) -> Path:
+        """Save the engine's state and this loop's under ``checkpoints/step-N``."""
+        self._saved = asdict(self.state)
+        return self.session.save_checkpoint(self.state.step, {self.state_key: asdict(self.state),
+                                                              "total_steps": self.total})  # fmt: skip

@@ -1,0 +1,36 @@
+"""The small table `direct-align train` prints at the end of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from direct_align.engine.tracking import table
+
+
+def print_summary(summary: dict[str, Any], output_dir: str) -> None:
+    """Initial-versus-trained metrics; for the built-in task, true reward and KL of samples."""
+    initial, final = summary.get("initial", {}), summary.get("final", {})
+    rows: list[tuple[str, Any, Any]] = []
+    if "builtin" in summary:
+        b = summary["builtin"]
+        rows += [
+            ("true reward of samples (hidden, ↑)", b["reference/true_reward"], b["policy/true_reward"]),
+            ("KL(policy‖reference) of samples, nats", 0.0, b["policy/kl"]),
+            ("response tokens per sample", b["reference/response_tokens"], b["policy/response_tokens"]),
+        ]  # fmt: skip
+    rows += [
+        ("held-out preference accuracy", initial.get("eval/rewards/accuracies"),
+         final.get("eval/rewards/accuracies")),
+        (f"held-out {summary['loss']} loss", initial.get("eval/loss"), final.get("eval/loss")),
+        ("held-out reward margin", initial.get("eval/rewards/margins"),
+         final.get("eval/rewards/margins")),
+    ]  # fmt: skip
+    lines = [table(["", "reference", "policy"], rows),
+             f"{summary['steps']} steps, {summary['train_pairs']} pairs, "
+             f"{summary['runtime_s']:.0f} s → {output_dir}/final"]  # fmt: skip
+    if summary.get("online"):
+        lines.append(f"online: {summary['rounds']} rounds, {summary['judge_calls']} judge calls "
+                     "(responses scored)")  # fmt: skip
+    click.echo("\n" + "\n".join(lines))

@@ -1,0 +1,224 @@
+"""`direct-align train` from settings to outputs: offline, or ``--online``.
+
+Every input (output directory rules, model, tokenizer, data, judges, reference log-probs) is
+loaded and checked before the output directory is created or emptied, so bad input never costs
+existing work. Offline, the reference scores every pair once (cached on disk), then only the
+policy stays in memory. Online, fresh samples need reference log-probs every round: with LoRA
+(``--lora-r``) and no ``--ref-model`` the reference is the policy with its adapters off (no
+second copy of the weights), otherwise a reference model is held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from accelerate.utils import set_seed
+
+from direct_align.builtin.inputs import Inputs, resolve_inputs
+from direct_align.builtin.report import hidden_reward_report
+from direct_align.data import PairDataset, prepare_pairs, split_holdout
+from direct_align.data.prompts import load_prompts
+from direct_align.engine.session import Session, free_memory
+from direct_align.engine.tracking import first_eval
+from direct_align.errors import ConfigError
+from direct_align.models.loading import (
+    load_causal_lm,
+    load_policy,
+    load_tokenizer,
+    preference_model,
+)
+from direct_align.models.logprobs import PreferenceModel
+from direct_align.models.lora import AdaptersOff, adapters_disabled
+from direct_align.preference.offline import fit
+from direct_align.preference.online import fit_online
+from direct_align.preference.reference import (
+    ReferenceCache,
+    ReferenceLogps,
+    cached_reference_logps,
+    model_fingerprint,
+    score_sharded,
+)
+from direct_align.preference.settings import TrainConfig, uses_reference
+from direct_align.rewards import RewardModelJudge, load_rewards
+from direct_align.settings import uses_bf16
+
+log = logging.getLogger(__name__)
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Train as configured; returns the summary (also in ``summary.json``), or None in the
+    processes other than the main one and when stopped early for a later ``--resume``."""
+    with Session(cfg) as session:
+        return (_run_online if cfg.online else _run_offline)(cfg, session)
+
+
+def _prepare(source: str, tokenizer: Any, cfg: TrainConfig, split: str) -> PairDataset:
+    data = prepare_pairs(source, tokenizer, fmt=cfg.format, max_length=cfg.max_length,
+                         max_prompt_length=cfg.max_prompt_length, split=split)  # fmt: skip
+    log.info("%s: %s format, %s", source, data.format, data.stats.describe())
+    return data.pairs
+
+
+def _eval_pairs(cfg: TrainConfig, inputs: Inputs, tokenizer: Any) -> PairDataset | None:
+    """The held-out pairs: --eval-dataset, or the built-in task's (None otherwise)."""
+    if cfg.eval_dataset:
+        return _prepare(cfg.eval_dataset, tokenizer, cfg, cfg.eval_split or cfg.split)
+    if cfg.dataset is None:
+        return _prepare(str(inputs.assets.eval_file), tokenizer, cfg, "train")
+    return None
+
+
+def _scorer(cfg: TrainConfig, inputs: Inputs, tokenizer: Any, session: Session,
+            splits: dict[str, PairDataset]) -> Callable[..., Any]:  # fmt: skip
+    """:func:`cached_reference_logps` of ``splits``, waiting for a reference model."""
+    return partial(cached_reference_logps, tokenizer=tokenizer, splits=splits,
+                   cache=ReferenceCache(inputs.cache_dir / "reference"),
+                   settings={"precision": "bf16" if uses_bf16(cfg) else "fp32"},
+                   batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, layout=cfg.layout,
+                   pad_token_id=tokenizer.pad_token_id, device=session.accelerator.device,
+                   autocast=session.accelerator.autocast, accelerator=session.accelerator)  # fmt: skip
+
+
+def _conclude(session: Session, prepared: Any, tokenizer: Any, inputs: Inputs, cfg: TrainConfig,
+              summary: dict[str, Any], tracked: dict[str, float]) -> dict[str, Any] | None:  # fmt: skip
+    """Write final/ (every process takes part under FSDP), then in the main process the
+    built-in task's report of the trained policy and the summary; returns the summary there."""
+    model = session.save_final(prepared, tokenizer, how=cfg.lora_save)
+    if not session.main:
+        return None
+    if cfg.dataset is None:  # the hidden reward and KL of the policy's samples
+        model = model if model is not None else session.load_final()  # sharded: read it back
+        summary["builtin"] = hidden_reward_report(model, inputs.model_path, tokenizer,
+                                                  inputs.assets, prompts=cfg.eval_prompts,
+                                                  seed=cfg.seed)  # fmt: skip
+    return session.finish(summary, {**tracked, **summary.get("builtin", {})})
+
+
+def _start(cfg: TrainConfig, session: Session) -> None:
+    session.start(bf16=uses_bf16(cfg), grad_accum=cfg.grad_accum)
+    if cfg.lora_r is not None and cfg.lora_save == "merged" and session.sharded:
+        raise ConfigError("--lora-save merged is not supported under FSDP; save the adapter")
+
+
+def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
+    # 1. inputs: the built-in task fills in whatever was not given
+    inputs = resolve_inputs(cfg)
+    tokenizer = load_tokenizer(inputs.model_path)
+    train = _prepare(inputs.source, tokenizer, cfg, cfg.split)
+    evals = _eval_pairs(cfg, inputs, tokenizer)
+    if evals is None:
+        train, evals = split_holdout(train, cfg.eval_fraction, cfg.seed)
+    log.info("pairs: %d train, %d eval", len(train), len(evals))
+
+    # 2. models; the reference scores every pair once, then only the policy stays in memory
+    _start(cfg, session)
+    accelerator = session.accelerator
+    set_seed(cfg.seed)
+    policy = load_policy(inputs.model_path, cfg, bf16=uses_bf16(cfg), device=accelerator.device)
+    refs: dict[str, ReferenceLogps] | Callable[[PreferenceModel], dict[str, ReferenceLogps]] = {}
+    ref_status: dict[str, str] = {}
+    if uses_reference(cfg):
+        score = _scorer(cfg, inputs, tokenizer, session, {"train": train, "eval": evals})
+        if session.sharded and not cfg.ref_model:
+            # FSDP: no device holds the policy whole; the sharded initial policy scores the
+            # pairs in fit, before any step (so the output directory exists by then)
+            refs = partial(score_sharded, score, fingerprint=model_fingerprint(policy.model),
+                           status=ref_status)  # fmt: skip
+        else:
+            reference = policy  # the initial policy; with LoRA, the base (adapters off below)
+            if cfg.ref_model:
+                ref_lm = load_causal_lm(cfg.ref_model, option="--ref-model")
+                reference = preference_model(ref_lm, cfg, bf16=uses_bf16(cfg),
+                                             device=accelerator.device)  # fmt: skip
+            reference.to(accelerator.device)
+            with adapters_disabled(reference):
+                refs, ref_status = score(reference)
+            del reference
+            free_memory()
+
+    # 3. outputs: only now is the output directory created or (with --overwrite) emptied
+    session.open()
+    state, eval_metrics, prepared, finished = fit(policy, train, evals, refs, cfg=cfg,
+                                                  session=session,
+                                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    if not finished:
+        return None
+    summary: dict[str, Any] = {
+        "loss": cfg.loss, "beta": cfg.beta, "steps": state.step,
+        "epochs": state.pairs_seen / len(train), "train_pairs": len(train),
+        "eval_pairs": len(evals), "initial": first_eval(session.run.path), "final": eval_metrics,
+        "reference_cache": ref_status,
+        "models_in_memory": 1,  # while training: the policy (reference log-probs are cached)
+        "train_runtime_s": round(state.train_seconds, 3),
+        "train_samples_per_s": round(state.pairs_seen / max(state.train_seconds, 1e-9), 4),
+    }  # fmt: skip
+    return _conclude(session, prepared, tokenizer, inputs, cfg, summary, tracked=eval_metrics)
+
+
+def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
+    # 1. inputs: prompts (a dataset's prompt column, or the built-in task's), judges, eval pairs
+    inputs = resolve_inputs(cfg)
+    tokenizer = load_tokenizer(inputs.model_path)
+    keep = max(1, min(cfg.max_prompt_length or cfg.max_length // 2, cfg.max_length - 1))
+    prompts = load_prompts(inputs.source, tokenizer, split=cfg.split if cfg.dataset else None,
+                           keep=keep)  # fmt: skip
+    log.info("prompts: %d from %s", len(prompts), inputs.source)
+    _start(cfg, session)
+    accelerator = session.accelerator
+    if cfg.prompts_per_round < accelerator.num_processes:
+        raise ConfigError(f"--prompts-per-round {cfg.prompts_per_round} is fewer than the "
+                          f"{accelerator.num_processes} processes (each samples a share of them)")  # fmt: skip
+    rewards = load_rewards(cfg.reward or ["builtin"], length_penalty=cfg.length_penalty,
+                           eos_penalty=cfg.eos_penalty, max_length=cfg.max_length,
+                           device=accelerator.device)  # fmt: skip
+    log.info("judge: %s", " + ".join(f"{j.weight:g}·{j.name}" for j in rewards.judges))
+    evals = _eval_pairs(cfg, inputs, tokenizer)
+
+    # 2. models: the policy, and the reference for the fresh samples: the policy with its LoRA
+    #    adapters off, or a second model held in memory
+    set_seed(cfg.seed)
+    bf16 = uses_bf16(cfg)
+    policy = load_policy(inputs.model_path, cfg, bf16=bf16, device=accelerator.device)
+    reference: PreferenceModel | AdaptersOff | None = None
+    ref_eval: ReferenceLogps | Callable[[PreferenceModel], ReferenceLogps] | None = None
+    if uses_reference(cfg) and cfg.lora_r is not None and not cfg.ref_model:
+        # under FSDP no device holds the policy whole: it moves there sharded (fit_online)
+        reference = AdaptersOff(policy if session.sharded else policy.to(accelerator.device))
+    elif uses_reference(cfg):
+        ref_lm = load_causal_lm(cfg.ref_model or inputs.model_path,
+                                option="--ref-model" if cfg.ref_model else "--model")  # fmt: skip
+        reference = preference_model(ref_lm.requires_grad_(False), cfg, bf16=bf16,
+                                     device=accelerator.device)  # fmt: skip
+        reference.to(accelerator.device).eval()
+    if reference is not None and evals is not None:
+        score = _scorer(cfg, inputs, tokenizer, session, {"eval": evals})
+        if session.sharded and isinstance(reference, AdaptersOff):  # the sharded policy scores
+            whole_fp = model_fingerprint(policy.model)  # of the weights before sharding
+            ref_eval = lambda prepared: score_sharded(  # noqa: E731
+                score, prepared, fingerprint=whole_fp, status={})["eval"]
+        else:
+            ref_eval = score(reference)[0]["eval"]
+
+    # 3. outputs: only now is the output directory created or (with --overwrite) emptied
+    session.open()
+    state, eval_metrics, prepared, finished = fit_online(policy, reference, prompts, rewards,
+                                                         evals, ref_eval, tokenizer=tokenizer,
+                                                         cfg=cfg, session=session)  # fmt: skip
+    if not finished:
+        return None
+    summary: dict[str, Any] = {
+        "loss": cfg.loss, "beta": cfg.beta, "online": True, "rounds": state.round,
+        "steps": state.step, "judge_calls": state.judge_calls, "train_pairs": state.pairs,
+        "pairs_seen": state.pairs_seen, "tokens_generated": state.tokens_generated,
+        # policy, a reference model for fresh pairs (not with LoRA: the policy with its
+        # adapters off), reward-model judges
+        "models_in_memory": 1 + isinstance(reference, PreferenceModel)
+        + sum(isinstance(j.judge, RewardModelJudge) for j in rewards.judges),
+        "initial": first_eval(session.run.path), "final": eval_metrics,
+        "train_runtime_s": round(state.train_seconds, 3),
+    }  # fmt: skip
+    return _conclude(session, prepared, tokenizer, inputs, cfg, summary,
+                     tracked={**eval_metrics, "online/judge_calls": state.judge_calls})  # fmt: skip

@@ -1,0 +1,208 @@
+"""Settings of `direct-align train` (offline and ``--online``), and the ones of the preference
+family that `label` and `select` share with it.
+
+Precedence, lowest first: field defaults < the built-in task's preset (only when no ``--model`` and
+no ``--dataset`` are given) < ``--config FILE`` < command-line flags (:func:`direct_align.config.resolve`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from direct_align import settings as s
+from direct_align.config import NON_NEGATIVE, POSITIVE, Setting, at_least, within
+from direct_align.losses import LOSSES
+
+ATTENTION = ("auto", "segments", "flash", "varlen", "sdpa", "eager")
+SEGMENT_ATTENTION = ("segments", "flash", "varlen")  # read the row's segments: packed layouts only
+LAYOUTS = ("shared", "packed", "padded")
+LORA_SAVE = ("adapter", "merged")
+
+# --- the loss --------------------------------------------------------------------------------------
+LOSS = Setting(str, "dpo", "Preference loss.", tuple(LOSSES))
+BETA = Setting(float, None, "Loss strength β (ORPO: λ); default: the loss's own default.",
+               rule=POSITIVE)  # fmt: skip
+LABEL_SMOOTHING = Setting(float, 0.0, "Label-noise rate ε for dpo (conservative DPO), robust, simpo.",
+                          rule=within(0, 0.5))  # fmt: skip
+GAMMA = Setting(float, 0.5, "SimPO target reward margin γ.")
+REFERENCE_FREE = Setting(bool, False, "dpo/ipo/hinge/robust without a reference (skips the pass).")
+REF_MODEL = Setting(str, None, "Reference model (default: the initial policy).")
+
+# --- sampling and judging (online and label) -------------------------------------------------------
+SAMPLES_PER_PROMPT = Setting(int, 2, "Online/label: responses sampled per prompt (k ≥ 2).",
+                             rule=at_least(2))  # fmt: skip
+TOP_P = Setting(float, 1.0, "Online/label: nucleus sampling mass (1: off).",
+                rule=within(0, 1, open_lo=True, open_hi=False))  # fmt: skip
+REWARD = Setting(list, None, "Online/label: a judge, SPEC[=WEIGHT]: builtin, module:function, "
+                             "path.py:function or a reward-model directory; repeat for a weighted "
+                             "sum (default: builtin on the built-in task).")  # fmt: skip
+PAIR_MARGIN = Setting(float, None, "Online/label: pair every two responses to a prompt whose "
+                                   "rewards differ by more than this (default: the best against "
+                                   "the worst only).", rule=NON_NEGATIVE)  # fmt: skip
+LENGTH_PENALTY = Setting(float, 0.0, "Online/label: subtracted from a reward per response token.",
+                         rule=NON_NEGATIVE)  # fmt: skip
+EOS_PENALTY = Setting(float, 0.0, "Online/label: subtracted from the reward of a response cut off "
+                                  "before EOS.", rule=NON_NEGATIVE)  # fmt: skip
+_ONLINE_SAMPLING = "Online/label: "
+
+
+@dataclass
+class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSettings):
+    """Resolved settings of one training run (written to ``OUTPUT_DIR/config.yaml``): the
+    objective, models, LoRA and online settings below, and the shared groups of
+    :mod:`direct_align.settings` (data, batches, optimiser, run)."""
+
+    # --- objective ---------------------------------------------------------------------------
+    loss: str = LOSS.field()
+    beta: float | None = BETA.field()
+    label_smoothing: float = LABEL_SMOOTHING.field()
+    gamma: float = GAMMA.field()
+    reference_free: bool = REFERENCE_FREE.field()
+    # --- models ------------------------------------------------------------------------------
+    model: str | None = s.MODEL.field()
+    ref_model: str | None = REF_MODEL.field()
+    attn: str = Setting(str, "auto", "Attention over packed rows: per-sequence SDPA (segments), "
+                                     "the flash-attn or PyTorch varlen kernels on a GPU (flash, "
+                                     "varlen), or the model's sdpa/eager with masks. auto: flash > "
+                                     "varlen > segments, as available (segments on a CPU).",
+                        ATTENTION).field()  # fmt: skip
+    layout: str = Setting(str, "shared", "Batch layout: shared prompts without padding, packed "
+                                         "sequences without padding, or padded rows.",
+                          LAYOUTS).field()  # fmt: skip
+    chunked_logprobs: bool = Setting(bool, True, "LM head on response tokens only, in chunks "
+                                                 "recomputed in backward (no [tokens, vocab] "
+                                                 "logits).").field()  # fmt: skip
+    max_tokens_per_batch: int | None = Setting(int, None, "Fill each micro-batch up to this many "
+                                                          "tokens (length-bucketed) instead of "
+                                                          "--batch-size pairs.",
+                                               rule=at_least(1)).field()  # fmt: skip
+    gradient_checkpointing: bool = s.GRADIENT_CHECKPOINTING.field()
+    # --- LoRA (peft; see docs/lora.md) ---------------------------------------------------------
+    lora_r: int | None = Setting(int, None, "Train LoRA adapters of this rank instead of every "
+                                            "weight; the reference is then the base model "
+                                            "(adapters off), with no second copy (default: off, "
+                                            "full fine-tuning).", rule=at_least(1)).field()  # fmt: skip
+    lora_alpha: float | None = Setting(float, None, "LoRA scale numerator: adapters add "
+                                                    "(alpha / r)·BA (default: 2 × --lora-r).",
+                                       rule=POSITIVE).field()  # fmt: skip
+    lora_dropout: float = Setting(float, 0.0, "Dropout on the LoRA branch's input.",
+                                  rule=within(0, 1)).field()  # fmt: skip
+    lora_targets: str | None = Setting(str, None, "Comma-separated module names that get "
+                                                  "adapters, e.g. q_proj,v_proj (default: "
+                                                  "all-linear, every linear layer of the "
+                                                  "decoder).").field()  # fmt: skip
+    lora_save: str = Setting(str, "adapter", "final/ holds the adapter (load with peft) or the "
+                                             "merged full model.", LORA_SAVE).field()  # fmt: skip
+    output_dir: str | None = s.OUTPUT_DIR.field(help="Run directory (default: runs/LOSS-TIMESTAMP).")
+    # --- online DPO (sample, judge, learn; see docs/online.md) ------------------------------
+    online: bool = Setting(bool, False, "Online training: each round the policy samples responses "
+                                        "to prompts of --dataset (a prompt column), a judge "
+                                        "scores them and the policy trains on the pairs.").field()  # fmt: skip
+    rounds: int = Setting(int, 8, "Online: rounds of sample → judge → train.",
+                          rule=at_least(1)).field()  # fmt: skip
+    prompts_per_round: int = Setting(int, 64, "Online: prompts sampled per round.",
+                                     rule=at_least(1)).field()  # fmt: skip
+    samples_per_prompt: int = SAMPLES_PER_PROMPT.field()
+    temperature: float = s.TEMPERATURE.field(help=_ONLINE_SAMPLING + "sampling temperature.")
+    top_p: float = TOP_P.field()
+    max_new_tokens: int = s.MAX_NEW_TOKENS.field(help=_ONLINE_SAMPLING + "most tokens per "
+                                                      "sampled response.")  # fmt: skip
+    reward: list[str] = REWARD.field()
+    pair_margin: float | None = PAIR_MARGIN.field()
+    length_penalty: float = LENGTH_PENALTY.field()
+    eos_penalty: float = EOS_PENALTY.field()
+    # --- built-in task -----------------------------------------------------------------------
+    label_noise: float = s.LABEL_NOISE.field()
+    eval_prompts: int = s.EVAL_PROMPTS.field()
+
+    # The built-in task's tuned recipe (see docs/builtin.md); under YAML and flags.
+    builtin_preset: ClassVar[dict[str, Any]] = {
+        "learning_rate": 1e-4,
+        "batch_size": 32,
+        "epochs": 2,
+        "warmup_ratio": 0.1,
+        "max_length": 64,
+        "eval_every": 50,
+        "save_every": 0,
+        "max_new_tokens": 40,  # as the task's data and report were sampled
+    }
+
+    def complete(self) -> None:
+        if self.beta is None:
+            self.beta = LOSSES[self.loss].default_beta
+        if self.lora_r is not None and self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_r
+        s.complete_output_dir(self, self.loss)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        attention = []
+        if self.attn in ("flash", "varlen"):
+            attention = attention_checks(self)
+        return [
+            (not (self.attn in SEGMENT_ATTENTION and self.layout == "padded"),
+             f"--attn {self.attn} needs a packed layout (--layout shared or packed)"),
+            *s.run_checks(self),
+            *online_checks(self),
+            *lora_checks(self),
+            *attention,
+            (not (LOSSES[self.loss].reference_free and self.ref_model is not None),
+             f"--ref-model: {self.loss} is reference-free and uses no reference"),
+            (not (self.reference_free and self.ref_model is not None),
+             "--ref-model and --reference-free exclude each other"),
+        ]  # fmt: skip
+
+
+def online_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """(ok, message) for the settings that ``--online`` rules out or needs."""
+    if not cfg.online:
+        return []
+    return [
+        (cfg.max_steps is None, "--max-steps does not apply to --online (use --rounds)"),
+        (cfg.max_tokens_per_batch is None,
+         "--max-tokens-per-batch does not apply to --online (use --batch-size)"),
+        (bool(cfg.reward) or cfg.dataset is None,
+         "--online with --dataset needs a judge: --reward SPEC (see --help)"),
+    ]  # fmt: skip
+
+
+def lora_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """(ok, message) for the LoRA settings: they need --lora-r, and peft installed."""
+    if cfg.lora_r is None:
+        given = [flag for flag, changed in (
+            ("--lora-alpha", cfg.lora_alpha is not None), ("--lora-dropout", cfg.lora_dropout != 0),
+            ("--lora-targets", cfg.lora_targets is not None),
+            ("--lora-save", cfg.lora_save != "adapter"))
+            if changed]  # fmt: skip
+        return [(not given, f"{', '.join(given)} needs --lora-r (LoRA is off without it)")]
+    targets = [t.strip() for t in (cfg.lora_targets or "all-linear").split(",")]
+    return [
+        (all(targets), "--lora-targets must be module names separated by commas, e.g. "
+                       "q_proj,v_proj"),
+        (importlib.util.find_spec("peft") is not None,
+         "--lora-r needs peft: pip install 'direct-align[lora]'"),
+    ]  # fmt: skip
+
+
+def attention_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """(ok, message) for --attn flash|varlen: the kernel must exist here, in bf16."""
+    from direct_align.models.varlen import unavailable  # imports transformers: only when asked
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    why = unavailable(cfg.attn, device)
+    return [(why is None, f"--attn {cfg.attn} {why}"),
+            (s.uses_bf16(cfg), f"--attn {cfg.attn} needs bf16 compute (--precision bf16, or auto "
+                             "on a bf16 GPU)")]  # fmt: skip
+
+
+def uses_reference(cfg: TrainConfig) -> bool:
+    return not (LOSSES[cfg.loss].reference_free or cfg.reference_free)
+
+
+def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """The extra settings (label_smoothing, gamma) that the chosen loss accepts."""
+    given = {"label_smoothing": cfg.label_smoothing, "gamma": cfg.gamma}
+    return {k: v for k, v in given.items() if k in LOSSES[cfg.loss].options}

@@ -1,0 +1,176 @@
+"""`direct-align train` end to end, in a subprocess, on a tiny local Llama and local files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from commands import TINY_RUN, assert_ok, run_cli
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from prefdata import rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("prefs")
+    for fmt in ("standard", "implicit", "conversational", "ultrafeedback"):
+        write_jsonl(path / f"{fmt}.jsonl", rows(fmt, 400, seed=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def summary_of(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("fmt", ["standard", "implicit", "conversational", "ultrafeedback"])
+def test_each_format_trains_and_saves_a_loadable_model(fmt, data_dir, cache, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(["train", "--loss", "dpo", "--model", str(tiny_model_dir), "--dataset",
+                      str(data_dir / f"{fmt}.jsonl"), "--output-dir", str(out), *TINY_RUN], cache)  # fmt: skip
+    assert_ok(result)
+    expected = "conversational" if fmt == "ultrafeedback" else fmt
+    assert f"{expected} format, kept 400 of 400 pairs" in result.stderr
+    summary = summary_of(out)
+    assert summary["eval_pairs"] == 60 and summary["train_pairs"] == 340
+    # DPO's implicit reward margin is exactly 0 at the start (policy == reference): accuracy 0
+    assert summary["initial"]["eval/rewards/accuracies"] == 0.0
+    assert summary["final"]["eval/rewards/accuracies"] >= 0.8
+    assert summary["final"]["eval/loss"] < summary["initial"]["eval/loss"] - 0.2
+
+    trained = AutoModelForCausalLM.from_pretrained(out / "final")
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    moved = [not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters())]
+    assert all(moved)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "final/tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "train/loss" in r]
+    assert steps == list(range(1, summary["steps"] + 1))
+    assert all(r["perf/tokens_per_s"] > 0 and r["perf/peak_mem_gb"] > 0 for r in records
+               if "train/loss" in r)  # fmt: skip
+
+
+@pytest.mark.parametrize("loss", ["ipo", "hinge", "robust", "orpo", "simpo"])
+def test_each_loss_raises_held_out_accuracy(loss, data_dir, cache, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    extra = ["--label-smoothing", "0.1"] if loss == "robust" else []
+    result = run_cli(["train", "--loss", loss, "--model", str(tiny_model_dir), "--dataset",
+                      str(data_dir / "standard.jsonl"), "--output-dir", str(out), *TINY_RUN,
+                      *extra], cache)  # fmt: skip
+    assert_ok(result)
+    summary = summary_of(out)
+    assert summary["final"]["eval/rewards/accuracies"] >= 0.8
+    assert summary["final"]["eval/rewards/accuracies"] > summary["initial"]["eval/rewards/accuracies"]
+    reference_free = loss in ("orpo", "simpo")
+    assert ("reference log-probs" in result.stderr) is not reference_free
+    assert (summary["reference_cache"] == {}) is reference_free
+
+
+def test_reference_cache_is_reused_and_recomputed_on_change(data_dir, tiny_model_dir, tmp_path):
+    cache = tmp_path / "cache"
+    base = ["train", "--loss", "dpo", "--model", str(tiny_model_dir), "--dataset",
+            str(data_dir / "standard.jsonl"), "--max-steps", "2", "--eval-fraction", "0.15",
+            "--max-length", "64"]  # fmt: skip
+    first = run_cli([*base, "--output-dir", str(tmp_path / "a")], cache)
+    assert_ok(first)
+    assert first.stderr.count("scoring") == 2 and "reusing" not in first.stderr
+    second = run_cli([*base, "--output-dir", str(tmp_path / "b")], cache)
+    assert_ok(second)
+    assert second.stderr.count("reusing cache") == 2 and "scoring" not in second.stderr
+    assert summary_of(tmp_path / "b")["reference_cache"]["train"].startswith("reused")
+    # same weights and data, other truncation: the tokens of both splits change, so both are
+    # scored again (a split whose tokens did not change would rightly reuse its entry)
+    third = run_cli([*base[:-1], "20", "--output-dir", str(tmp_path / "c")], cache)
+    assert_ok(third)
+    assert "reference log-probs (train): scoring" in third.stderr
+    assert "reference log-probs (eval): scoring" in third.stderr
+    assert len(list((cache / "reference").glob("*.safetensors"))) == 4
+
+
+def test_resume_after_a_stop_gives_the_same_weights(data_dir, cache, tiny_model_dir, tmp_path):
+    common = ["train", "--loss", "dpo", "--model", str(tiny_model_dir), "--dataset",
+              str(data_dir / "standard.jsonl"), "--max-steps", "9", "--grad-accum", "2",
+              *TINY_RUN]  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert_ok(run_cli([*common, "--output-dir", str(straight)], cache))
+    first = run_cli([*common, "--output-dir", str(stopped), "--max-steps-per-run", "4"], cache)
+    assert_ok(first)
+    assert not (stopped / "final").exists() and (stopped / "checkpoints" / "step-000004").is_dir()
+    again = run_cli([*common, "--output-dir", str(stopped), "--resume"], cache)
+    assert_ok(again)
+    assert "resuming from" in again.stderr and "step 4 of 9" in again.stderr
+
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(stopped / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]  # fmt: skip
+    assert steps == list(range(1, 10))
+    assert summary_of(stopped)["steps"] == 9
+
+
+def test_wandb_offline_gets_metrics_and_config(data_dir, cache, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(["train", "--loss", "dpo", "--model", str(tiny_model_dir), "--dataset",
+                      str(data_dir / "standard.jsonl"), "--output-dir", str(out), "--max-steps",
+                      "3", "--report-to", "wandb", "--run-name", "tiny-test"], cache,
+                     WANDB_MODE="offline", WANDB_SILENT="true")  # fmt: skip
+    assert_ok(result)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # offline runs keep config, history and summary as records in one .wandb file; the keys are
+    # stored as plain strings in it
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (b"learning_rate", b"tiny-test", b"train/loss", b"train/rewards/margins",
+                b"eval/rewards/accuracies", b"perf/tokens_per_s"):
+        assert key in records, key
+
+
+def test_python_module_and_help(cache):
+    result = run_cli(["train", "--help"], cache)
+    assert_ok(result)
+    for flag in ("--loss", "--model", "--dataset", "--eval-dataset", "--output-dir", "--config",
+                 "--max-steps", "--epochs", "--batch-size", "--grad-accum", "--learning-rate",
+                 "--beta", "--max-length", "--seed", "--report-to", "--resume", "--overwrite"):
+        assert flag in result.stdout, flag
+    assert "dpo|ipo|hinge|robust|orpo|simpo" in result.stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(data_dir, cache, tiny_model_dir, tmp_path):
+    """A preempted job: SIGTERM mid-training leaves a complete checkpoint to --resume from."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "direct_align", "train", "--loss", "simpo", "--model",
+           str(tiny_model_dir), "--dataset", str(data_dir / "standard.jsonl"), "--output-dir",
+           str(out), "--max-steps", "100000", "--eval-every", "0", "--save-every", "0"]  # fmt: skip
+    env = {**os.environ, "DIRECT_ALIGN_CACHE": str(cache)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and "train/loss" in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and "checkpoint saved, continue with --resume" in stderr
+    checkpoints = list((out / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+    state = json.loads((checkpoints[0] / "trainer_state.json").read_text())["train_state"]
+    assert state["step"] >= 1 and checkpoints[0].name == f"step-{state['step']:06d}"
+    assert not (out / "final").exists()
