@@ -19,3 +19,15 @@ class DataError(DirectAlignError):
 
 class Interrupted(DirectAlignError):
     """Training stopped by a signal after saving a checkpoint (exit status 143)."""
+
+
+class NonFinite(DirectAlignError):
+    """A loss, gradient norm or weight that is NaN or infinite, caught before it reached the
+    weights or a saved file."""
+
+
+def one_line(message: object, limit: int = 300) -> str:
+    """A library's error message on one line: its lines joined, whitespace collapsed, cut at
+    ``limit`` characters with an ellipsis (never mid-way without saying so)."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"

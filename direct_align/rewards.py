@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
-from direct_align.errors import ConfigError, DirectAlignError
+from direct_align.errors import ConfigError, DirectAlignError, one_line
 
 
 class Judge(Protocol):
@@ -105,7 +105,7 @@ def _load_function(spec: str) -> Callable[..., Any]:
         raise
     except Exception as e:  # an import runs arbitrary code: any failure is the judge's
         raise ConfigError(f"{where}: cannot import '{target}': {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from None  # fmt: skip
+                          f"{one_line(e)}".rstrip(": ")) from None  # fmt: skip
     fn = getattr(module, name, None)
     if fn is None:
         raise ConfigError(f"{where}: '{target}' has no attribute '{name}'")

@@ -48,7 +48,9 @@ BATCH_SIZE = Setting(int, 8, "Pairs per forward pass (per process).", rule=at_le
 EVAL_BATCH_SIZE = Setting(int, None, "Pairs per eval forward (default: 2 × batch size).",
                           rule=at_least(1), resumable=True)  # fmt: skip
 GRAD_ACCUM = Setting(int, 1, "Forward passes per optimizer step.", rule=at_least(1))
-LEARNING_RATE = Setting(float, 1e-6, "Peak AdamW learning rate.", rule=POSITIVE)
+# above ~1e37 AdamW's own update overflows float32; far below that no AdamW run is meaningful
+LEARNING_RATE = Setting(float, 1e-6, "Peak AdamW learning rate.",
+                        rule=within(0, 1000, open_lo=True, open_hi=False))
 WEIGHT_DECAY = Setting(float, 0.0, "AdamW weight decay.", rule=NON_NEGATIVE)
 WARMUP_RATIO = Setting(float, 0.1, "Share of steps with linear warmup.", rule=within(0, 1))
 LR_SCHEDULER = Setting(str, "cosine", "Decay after warmup.", SCHEDULERS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,16 @@ def test_nonexistent_model_path(capsys, good, tmp_path):
     missing = tmp_path / "no-such-model"
     message = fail(capsys, train_args(missing, good, tmp_path / "out"))
     assert message == f"--model: model path '{missing}' does not exist"
+
+
+def test_an_unloadable_tokenizer_is_one_whole_line(capsys, tiny_model_dir, good, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "tokenizer.json").unlink()  # and no slow tokenizer to convert from
+    message = fail(capsys, train_args(broken, good, tmp_path / "out"))
+    assert message.startswith(f"--model: cannot load a tokenizer from '{broken}': ")
+    # the library's message runs over several lines: all of it, not the first line's half
+    assert not message.endswith(":") and "(1)" in message, message
 
 
 def test_missing_dataset_file(capsys, tiny_model_dir, tmp_path):

@@ -86,6 +86,7 @@ def test_an_integer_may_be_written_any_way_that_means_it(value) -> None:
         ({"epochs": True}, "--epochs must be an integer (finite), got True"),
         ({"learning_rate": "inf"}, "--learning-rate must be a number (finite), got 'inf'"),
         ({"learning_rate": "nan"}, "--learning-rate must be a number (finite), got 'nan'"),
+        ({"learning_rate": "1e30"}, "--learning-rate must be in (0, 1000], got 1e+30"),
         ({"beta": "-1"}, "--beta must be > 0, got -1.0"),
         ({"epochs": "0"}, "--epochs must be at least 1, got 0"),
         ({"max_length": "1"}, "--max-length must be at least 2, got 1"),
@@ -108,7 +109,7 @@ def test_invalid_settings(values: dict, message: str) -> None:
 
 @pytest.mark.parametrize("cls", [RewardConfig, PPOConfig])
 def test_other_commands_word_shared_checks_alike(cls: type) -> None:
-    with pytest.raises(ConfigError, match=r"^--learning-rate must be > 0, got -1.0$"):
+    with pytest.raises(ConfigError, match=r"^--learning-rate must be in \(0, 1000\], got -1.0$"):
         resolve(cls, {"learning_rate": "-1"})
     with pytest.raises(ConfigError, match=r"^--warmup-ratio must be in \[0, 1\), got 1.5$"):
         resolve(cls, {"warmup_ratio": "1.5"})

@@ -100,6 +100,7 @@ def ensure_builtin(cache_dir: Path, spec: BuiltinSpec = BuiltinSpec()) -> Builti
         log.info("built-in task: using %s", root)
         return assets
     log.info("built-in task: building it once in %s", root)
+    remove_abandoned_builds(root.parent)
     tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -112,6 +113,22 @@ def ensure_builtin(cache_dir: Path, spec: BuiltinSpec = BuiltinSpec()) -> Builti
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return assets
+
+
+def remove_abandoned_builds(parent: Path) -> None:
+    """Delete the temporary folders of builds whose process is gone (killed mid-build); a
+    build still running in another process keeps its folder."""
+    for tmp in parent.glob("v*.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("built-in task: removing %s, left by an interrupted build", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
 
 
 def _build(root: Path, spec: BuiltinSpec) -> None:

@@ -8,6 +8,8 @@ from direct_align.data.diagnose import json_kind, short_reason
 from direct_align.errors import DataError
 
 Message = dict[str, Any]
+# the roles chat templates know (OpenAI's, Llama 3's ipython, the legacy function role)
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
 
 class RowProblem(Exception):
@@ -25,7 +27,8 @@ def check_messages(value: Any, field: str) -> list[Message]:
     ``name`` gives every message a ``name``); passing them on would confuse chat templates.
 
     Raises:
-        RowProblem: the value is missing, not a list, empty, or a message lacks role or content.
+        RowProblem: the value is missing, not a list, empty, or a message lacks role or content
+            or has a role no chat template knows.
     """
     if value is None:
         raise RowProblem(f"field '{field}' is missing")
@@ -45,6 +48,8 @@ def check_messages(value: Any, field: str) -> list[Message]:
             raise RowProblem(f"{where} has no 'role'")
         if not isinstance(role, str) or not role.strip():
             raise RowProblem(f"{where} has an invalid 'role' ({json_kind(role)} {role!r})")
+        if role not in ROLES:  # a template would drop or mangle it without a word
+            raise RowProblem(f"{where} has an unknown role '{role}' (known: {', '.join(ROLES)})")
         if content is None:
             raise RowProblem(f"{where} has no 'content'")
         if not isinstance(content, str):

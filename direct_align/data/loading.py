@@ -15,6 +15,7 @@ from pathlib import Path
 import datasets
 
 from direct_align.data.diagnose import csv_header, diagnose_csv, diagnose_json, short_reason
+from direct_align.engine.outputs import file_digest
 from direct_align.errors import DataError
 
 #: File extension -> ``datasets`` builder.
@@ -105,7 +106,10 @@ def _load_file(path: Path, source: str) -> datasets.Dataset:
         kwargs["keep_default_na"] = False  # keep "NA", "None", "" as the text they are
     try:
         with _quiet_datasets_logs():
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+            # `datasets` caches a local file by its path and modification time, so a file edited
+            # with its mtime kept would be read stale: its content names the cache entry instead
+            ds = datasets.load_dataset(builder, name=f"content-{file_digest(path)}",
+                                       data_files=str(path), split="train", **kwargs)  # fmt: skip
         # Invalid UTF-8 can reach the table unchecked and fail much later; find it now.
         getattr(ds.data, "table", ds.data).validate(full=True)
     except Exception as exc:

@@ -13,6 +13,8 @@ function with these pieces (:mod:`direct_align.preference.offline`, ``.online``,
 from __future__ import annotations
 
 import logging
+import math
+import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -34,16 +36,12 @@ from transformers import (
 from direct_align.engine.distributed import any_across, backward, configure_deepspeed, sum_across
 from direct_align.engine.outputs import read_state
 from direct_align.engine.tracking import peak_memory_gb, progress
-from direct_align.errors import ConfigError, DirectAlignError
+from direct_align.errors import ConfigError, DirectAlignError, NonFinite, one_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SCHEDULES = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup,
              "constant": get_constant_schedule_with_warmup}  # fmt: skip
-
-
-class NonFinite(DirectAlignError):
-    """A loss or gradient norm that is NaN or infinite, caught before it reached the weights."""
 
 
 class Optimization(Protocol):
@@ -73,12 +71,11 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
             accelerator: Accelerator, micro_batch_size: int,
             max_grad_norm: float) -> tuple[Any, torch.optim.Optimizer, dict[str, Any]]:  # fmt: skip
     """The model and optimizer handed to the engine (DDP, FSDP or DeepSpeed, its batch and
-    clipping settings first), the schedule saved with every checkpoint. Returns (model,
-    optimizer, the keywords ``accelerator.load_state`` needs: when only some parameters train,
-    checkpoints hold those alone)."""
+    clipping settings first). Returns (model, optimizer, the keywords ``accelerator.load_state``
+    needs: when only some parameters train, checkpoints hold those alone). The schedule is not
+    handed to accelerate, which would pickle it: :class:`Loop` keeps its state as JSON."""
     configure_deepspeed(accelerator, micro_batch_size, max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     return model, optimizer, _trained_only_checkpoints(accelerator, model)
 
 
@@ -166,12 +163,28 @@ def accumulate(model: nn.Module, local: Sequence[tuple[T, bool]], forward: Calla
 def clipped_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
                  accelerator: Accelerator, max_grad_norm: float) -> float:  # fmt: skip
     """Clip the gradients to ``max_grad_norm`` (0: no clipping, the norm is still measured),
-    step the optimizer and the schedule, clear the gradients; returns the norm before clipping."""
+    step the optimizer and the schedule, clear the gradients; returns the norm before clipping.
+    A non-finite norm (the same in every process: gradients are reduced) raises
+    :class:`NonFinite` before the step."""
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or 1e30)
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):  # DeepSpeed: maybe None
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFinite(f"the gradient norm is {float(grad_norm)}")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
+
+
+def _check_rng_restored(checkpoint: Path, process: int) -> None:
+    """accelerate restores the RNG states of a checkpoint but goes on silently when it cannot
+    (a damaged or planted file), and the run would then draw other batches and samples: read
+    them again, as safely (weights_only), and check the torch generator is theirs."""
+    from accelerate.utils import load
+
+    states = load(checkpoint / f"random_states_{process}.pkl")
+    if not torch.equal(torch.get_rng_state(), states["torch_manual_seed"]):
+        raise RuntimeError(f"random_states_{process}.pkl was not restored")
 
 
 # --- the loop's state, cadence and stops ----------------------------------------------------------
@@ -243,11 +256,12 @@ class Loop(Generic[S]):
     passes a multiple of their setting, so they work when boundaries are several steps apart.
     """
 
-    def __init__(self, session: Any, state: S, *, total: int, cfg: Cadence, desc: str,
-                 state_key: str = "train_state", unit: str = "step",
+    def __init__(self, session: Any, state: S, *, model: nn.Module, scheduler: Any, total: int,
+                 cfg: Cadence, desc: str, state_key: str = "train_state", unit: str = "step",
                  until: Callable[[S], bool] | None = None) -> None:  # fmt: skip
         self.session = session
         self.accelerator: Accelerator = session.accelerator
+        self.model, self.scheduler = model, scheduler
         self.state = state
         self.total = total  # steps in the schedule
         self.cfg = cfg
@@ -268,9 +282,15 @@ class Loop(Generic[S]):
         checkpoint = self.session.checkpoint_to_resume()
         if checkpoint is None:
             return False
-        self.accelerator.load_state(str(checkpoint), **(load_kwargs or {}))
-        saved = read_state(checkpoint)[self.state_key]
+        try:
+            self.accelerator.load_state(str(checkpoint), **(load_kwargs or {}))
+            _check_rng_restored(checkpoint, self.accelerator.process_index)
+        except (RuntimeError, ValueError, OSError, KeyError, pickle.UnpicklingError) as e:
+            raise ConfigError(f"--resume: cannot load {checkpoint}: {one_line(e)}") from None
+        stored = read_state(checkpoint)
+        saved = stored[self.state_key]
         self.state = type(self.state)(**saved)
+        self.scheduler.load_state_dict(stored["scheduler"])
         self._steps_at_start = self._last_boundary = self.state.step
         self._saved = saved
         log.info("resuming from %s (%s %d of %d)", checkpoint, self._unit, self.state.step,
@@ -363,7 +383,33 @@ class Loop(Generic[S]):
         return pause
 
     def checkpoint(self) -> Path:
-        """Save the engine's state and this loop's under ``checkpoints/step-N``."""
+        """Save the engine's state, this loop's and the schedule's under ``checkpoints/step-N``
+        (refused, with :class:`NonFinite`, when a weight is not finite)."""
+        try:
+            path = self.session.save_checkpoint(
+                self.state.step, {self.state_key: asdict(self.state), "total_steps": self.total,
+                                  "scheduler": self.scheduler.state_dict()}, model=self.model)  # fmt: skip
+        except NonFinite as e:
+            raise self._failure(e) from None
         self._saved = asdict(self.state)
-        return self.session.save_checkpoint(self.state.step, {self.state_key: asdict(self.state),
-                                                              "total_steps": self.total})  # fmt: skip
+        return path
+
+    def stop_if_requested(self, where: str) -> None:
+        """After the last step (the final evaluation): on a stop signal, checkpoint what is not
+        saved yet and raise :class:`~direct_align.errors.Interrupted`; ``--resume`` then
+        evaluates and saves the final model."""
+        if self.session.stop_requested():
+            if self.unsaved:
+                self.checkpoint()
+            raise self.session.interrupted(where)
+
+    def check_eval(self, loss: float) -> None:
+        """A held-out loss that is not finite means the weights diverged: stop before they are
+        checkpointed or saved."""
+        if not math.isfinite(loss):
+            raise self._failure(NonFinite(f"the held-out loss is {loss}: the weights diverged "
+                                          "(a lower learning rate?); nothing of them was saved"))  # fmt: skip
+
+    def _failure(self, e: NonFinite) -> DirectAlignError:
+        where = self.session.run.last_checkpoint()
+        return DirectAlignError(f"{self._unit} {self.state.step}: {e}; last checkpoint: {where}")

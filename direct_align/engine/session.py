@@ -1,11 +1,17 @@
 """One command's run from settings to outputs, the same for every command.
 
 A :class:`Session` checks the output-directory rules before any work (a non-empty directory
-needs ``--resume`` or ``--overwrite``; ``--resume`` needs a checkpoint and the same settings),
-starts the accelerator (processes, engine, precision), and only once every input has been loaded
-and checked does :meth:`Session.open` create or empty the directory, write ``config.yaml``, open
-the tracker and take over SIGTERM/SIGINT. It writes checkpoints, ``final/`` and
-``summary.json``; the main process alone writes, the others wait for it where files matter.
+needs ``--resume`` or ``--overwrite``; ``--resume`` needs a run to continue, the same settings and
+an intact checkpoint), starts the accelerator (processes, engine, precision) and takes over
+SIGTERM/SIGINT. Only once every input has been loaded and checked does :meth:`Session.open`
+create or empty the directory, write ``config.yaml`` and open the tracker. It writes checkpoints,
+``final/`` and ``summary.json``, none of them with a non-finite weight; the main process alone
+writes, the others wait for it where files matter.
+
+A stop signal never loses the run: during training the loop stops at the next point where it can
+checkpoint (:class:`~direct_align.engine.loop.Loop`); before training (the reference pass) and
+after it (the final evaluation) :meth:`Session.check_stop` stops with a state ``--resume``
+continues from; while ``final/`` and the summary are written the run finishes and says so.
 """
 
 from __future__ import annotations
@@ -32,36 +38,39 @@ from direct_align.engine.distributed import (
     quiet_unless_main,
     shards,
 )
-from direct_align.engine.outputs import RunDir, read_state
+from direct_align.engine.outputs import RunDir, read_state, write_atomic, writing
 from direct_align.engine.tracking import NullTracker, Tracker, resident_mb
-from direct_align.errors import ConfigError, Interrupted
+from direct_align.errors import ConfigError, Interrupted, NonFinite
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_UNSET: Any = object()
 
 
 class Session:
     """The run of one command with settings ``cfg`` (any command's settings dataclass with the
     run settings: ``output_dir``, ``overwrite``, ``report_to``, ...; ``resume`` where the command
-    can resume). ``begun``: the run has done work that ``--resume`` continues although it wrote
-    no checkpoint of its own yet (PPO's reward-model stage)."""
+    can resume)."""
 
-    def __init__(self, cfg: Any, *, begun: bool = False) -> None:
+    def __init__(self, cfg: Any) -> None:
         self.started, self.rss_at_start = time.time(), resident_mb()  # before any model
         self.cfg = cfg
         self.resuming = bool(getattr(cfg, "resume", False))
         self.run = RunDir(cfg.output_dir)
-        self.run.check(resume=self.resuming, overwrite=cfg.overwrite, begun=begun)
+        self.run.check(resume=self.resuming, overwrite=cfg.overwrite)
         if self.resuming:
             self._check_same_settings()
         self.accelerator: Accelerator | None = None
         self.tracker: Tracker | NullTracker = NullTracker()
+        self.opened = False
         self._signals: list[int] = []
         self._handlers: dict[int, Any] = {}
+        self._resume_from: Any = _UNSET
 
     # -- before any work --------------------------------------------------------------------------
     def _check_same_settings(self) -> None:
-        """``--resume`` continues the same run: only settings declared resumable may differ."""
+        """``--resume`` continues the same run: only settings declared resumable may differ (the
+        output directory among them: a run moved to another disk resumes)."""
         saved_path = self.run.path / "config.yaml"
         if not saved_path.exists():
             return
@@ -77,7 +86,8 @@ class Session:
         """The accelerator of the run (one process, or all of a launcher's), checked against
         what the command can do: ``grad_accum`` must deal out evenly among the processes;
         ``unsharded``: the command's name when it cannot run under FSDP. A checkpoint resumes
-        only under the engine that wrote it."""
+        only under the engine that wrote it. From here on SIGTERM and SIGINT stop the run at
+        the next safe point instead of killing it."""
         accelerator = make_accelerator("bf16" if bf16 else "no")
         if unsharded is not None and shards(accelerator):
             raise ConfigError(f"{unsharded} does not run under FSDP yet; use DDP "
@@ -88,6 +98,9 @@ class Session:
             check_resumable(self.checkpoint_to_resume(), accelerator)
         quiet_unless_main(accelerator)
         self.accelerator = accelerator
+        if not self._handlers:
+            self._handlers = {s: signal.signal(s, lambda signum, _: self._signals.append(signum))
+                              for s in STOP_SIGNALS}  # fmt: skip
         return accelerator
 
     @property
@@ -105,15 +118,17 @@ class Session:
 
     # -- outputs ----------------------------------------------------------------------------------
     def open(self, *, checkpoints: bool = True) -> Tracker | NullTracker:
-        """Create (or with --overwrite empty) the output directory, write ``config.yaml``, open
-        the tracker (on --resume continuing at the checkpoint's step) and catch stop signals.
-        The main process alone writes; the others get a :class:`NullTracker`."""
+        """Create (or with --overwrite empty) the output directory, write ``config.yaml`` and
+        open the tracker (on --resume continuing at the checkpoint's step). The main process
+        alone writes; the others get a :class:`NullTracker`."""
         self.barrier()
         if self.main:
-            self.run.prepare(overwrite=self.cfg.overwrite, checkpoints=checkpoints)
-            if not self.resuming:
-                (self.run.path / "config.yaml").write_text(
-                    yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            with writing(self.run.path):
+                self.run.prepare(overwrite=self.cfg.overwrite and not self.resuming,
+                                 checkpoints=checkpoints)  # fmt: skip
+                # on --resume too: the settings it may change (cadence, a moved directory, ...)
+                write_atomic(self.run.path / "config.yaml",
+                             yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
             checkpoint = self.checkpoint_to_resume()
             resume_step = None  # a new run: keep nothing of an old metrics.jsonl (--overwrite)
             if self.resuming:  # keep the records up to the checkpoint's step (none without one)
@@ -122,9 +137,8 @@ class Session:
                                    project=self.cfg.wandb_project,
                                    run_name=self.cfg.run_name or self.run.path.name,
                                    config=to_dict(self.cfg), resume_step=resume_step)  # fmt: skip
+        self.opened = True
         self.barrier()
-        self._handlers = {s: signal.signal(s, lambda signum, _: self._signals.append(signum))
-                          for s in STOP_SIGNALS}  # fmt: skip
         return self.tracker
 
     def close(self) -> None:
@@ -142,17 +156,33 @@ class Session:
 
     # -- checkpoints and stops --------------------------------------------------------------------
     def checkpoint_to_resume(self) -> Path | None:
-        """The checkpoint ``--resume`` continues from (None when not resuming)."""
-        return self.run.last_checkpoint() if self.resuming else None
+        """The newest intact checkpoint ``--resume`` continues from (None when not resuming, or
+        when the run stopped before its first checkpoint: it starts again from step 0)."""
+        if self._resume_from is _UNSET:
+            self._resume_from = self.run.intact_checkpoint() if self.resuming else None
+        return self._resume_from
 
-    def save_checkpoint(self, step: int, state: dict[str, Any]) -> Path:
-        """The engine's state (weights, optimizer, schedule, RNG) and ``state`` (the loop's)
-        under ``checkpoints/step-N``, the oldest beyond ``--save-total-limit`` removed."""
+    def save_checkpoint(self, step: int, state: dict[str, Any], model: Any = None) -> Path:
+        """The engine's state (weights, optimizer, RNG) and ``state`` (the loop's, with the
+        schedule) under ``checkpoints/step-N``, the oldest beyond ``--save-total-limit``
+        removed; refused when ``model`` holds a non-finite weight."""
         accelerator = self.accelerator
+        if model is not None:
+            self.check_finite(model, "not checkpointed")
         return self.run.save_checkpoint(step, lambda d: accelerator.save_state(str(d)),
                                         {"step": step, **state}, keep=self.cfg.save_total_limit,
                                         main=accelerator.is_main_process,
-                                        barrier=accelerator.wait_for_everyone)  # fmt: skip
+                                        barrier=accelerator.wait_for_everyone,
+                                        failed_anywhere=lambda f: any_across(f, accelerator))  # fmt: skip
+
+    def check_finite(self, model: Any, what: str) -> None:
+        """Raise :class:`NonFinite` when a weight of ``model`` (this process's shard, under
+        FSDP) is NaN or infinite in any process; ``what`` says what was not done."""
+        bad = next((name for name, p in model.named_parameters()
+                    if not torch.isfinite(getattr(p, "_local_tensor", p).detach()).all()), None)  # fmt: skip
+        if any_across(bad is not None, self.accelerator):
+            where = f" ({bad})" if bad else " (in another process)"
+            raise NonFinite(f"the weights hold non-finite values{where}; {what}")
 
     def stop_requested(self) -> bool:
         """Whether SIGTERM or SIGINT reached any process (all processes decide together)."""
@@ -162,17 +192,36 @@ class Session:
         how = f"signal {self._signals[0]}" if self._signals else "a signal to another process"
         return Interrupted(f"stopped by {how} {where}; checkpoint saved, continue with --resume")
 
+    def check_stop(self, where: str) -> None:
+        """Outside the training steps (the reference pass): on a stop signal, leave a run that
+        ``--resume`` starts again (the output directory and ``config.yaml``; what was computed
+        and cached is reused) and raise :class:`Interrupted`."""
+        if self.stop_requested():
+            if not self.opened:
+                self.open()
+            how = f"signal {self._signals[0]}" if self._signals else "a signal to another process"
+            raise Interrupted(f"stopped by {how} {where}, before any training step; continue "
+                              "with --resume (what was computed is cached)")  # fmt: skip
+
+    def note_late_signal(self) -> None:
+        """A stop signal that came while the finished run was being written: it completed."""
+        if self._signals and self.main:
+            log.warning("received signal %d while saving; the run had finished: %s and "
+                        "summary.json are complete", self._signals[0], self.run.final)  # fmt: skip
+
     # -- the end ----------------------------------------------------------------------------------
     def save_final(self, prepared: Any, tokenizer: Any, *, inner: str | None = "model",
                    how: str = "adapter") -> Any:  # fmt: skip
         """Write ``final/`` (a Hugging Face model directory with the tokenizer) from the
-        prepared model, whole or not at all; under FSDP its weights are gathered first (every
-        process must call this). ``inner``: the attribute of the unwrapped model that holds the
-        causal LM (None: the model itself); ``how``: a LoRA policy's adapter or merged model.
-        Returns the trained model in one piece on the main process, for reports (None in the
-        others, and where it was sharded: :meth:`load_final` reads it back)."""
+        prepared model, whole or not at all, never with a non-finite weight; under FSDP its
+        weights are gathered first (every process must call this). ``inner``: the attribute of
+        the unwrapped model that holds the causal LM (None: the model itself); ``how``: a LoRA
+        policy's adapter or merged model. Returns the trained model in one piece on the main
+        process, for reports (None in the others, and where it was sharded: :meth:`load_final`
+        reads it back)."""
         from direct_align.models.lora import save_final
 
+        self.check_finite(prepared, "final/ was not written")
         self.barrier()
         whole = gathered_state_dict(prepared, self.accelerator, prefix=f"{inner}." if inner else "")
         if not self.main:
@@ -181,7 +230,14 @@ class Session:
         model = getattr(unwrapped, inner) if inner else unwrapped
         tmp = self.run.final.with_name("final.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_final(model, tokenizer, tmp, how, whole)
+        note = (f"; the last checkpoint {self.run.last_checkpoint()} is intact: free space, then "
+                "run again with --resume")  # fmt: skip
+        try:
+            with writing(tmp, note):
+                save_final(model, tokenizer, tmp, how, whole)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         os.replace(tmp, self.run.final)
         log.info("saved %s", self.run.final)
         return model if whole is None else None
@@ -204,6 +260,7 @@ class Session:
                    "runtime_s": round(time.time() - self.started, 1)}  # fmt: skip
         self.tracker.summary(tracked if tracked is not None else summary)
         self.run.write_json("summary.json", summary)
+        self.note_late_signal()
         return summary
 
 

@@ -3,6 +3,7 @@ and the memory probes behind ``perf/peak_mem_gb``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,25 +17,28 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from direct_align.engine.outputs import write_atomic, writing
 from direct_align.errors import ConfigError
 
 
 class Tracker:
     """Writes each logged step to ``metrics.jsonl`` and, when asked, to W&B.
 
-    On resume, records past the checkpoint's step are dropped so that the file reads as one run.
-    wandb is imported only when ``report_to == "wandb"``; offline mode (``WANDB_MODE=offline``)
-    works without an account.
+    On resume, records past the checkpoint's step are dropped so that the file reads as one run,
+    and so is a line a crash left half-written. A record is written whole or not at all: on a
+    full disk the file is cut back to its last whole record. wandb is imported only when
+    ``report_to == "wandb"``; offline mode (``WANDB_MODE=offline``) works without an account.
     """
 
     def __init__(self, output_dir: Path, *, report_to: str, project: str, run_name: str,
                  config: dict[str, Any], resume_step: int | None = None) -> None:  # fmt: skip
         self.path = output_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]  # fmt: skip
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self._file = self.path.open("a")
+            kept = [line for line in self.path.read_text(errors="replace").splitlines()
+                    if (record := _record(line)) is not None and record.get("step", 0) <= resume_step]  # fmt: skip
+            with writing(self.path, " (free space, then --resume)"):
+                write_atomic(self.path, "".join(line + "\n" for line in kept))
+        self._file = self.path.open("ab", buffering=0)
         self._wandb = None
         if report_to == "wandb":
             try:
@@ -50,8 +54,16 @@ class Tracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = (json.dumps(record) + "\n").encode()
+        end = self._file.tell()
+        try:
+            with writing(self.path, " (free space, then --resume)"):
+                while line:
+                    line = line[self._file.write(line):]
+        except BaseException:
+            with contextlib.suppress(OSError):  # no half record left behind
+                os.ftruncate(self._file.fileno(), end)
+            raise
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
@@ -81,6 +93,15 @@ class NullTracker:
         pass
 
 
+def _record(line: str) -> dict[str, Any] | None:
+    """A record of metrics.jsonl, or None for a blank or half-written line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _clean(value: float) -> float | None:
     """JSON has no NaN/inf: write them as null."""
     return value if isinstance(value, int) or math.isfinite(value) else None
@@ -91,7 +112,8 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
     path = output_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for line in path.read_text(errors="replace").splitlines()
+            if (r := _record(line)) is not None]  # fmt: skip
 
 
 def first_eval(output_dir: Path) -> dict[str, float]:

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from direct_align.errors import ConfigError
+from direct_align.errors import ConfigError, one_line
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import ALL_LINEAR, apply_lora, trainable_summary
 from direct_align.models.varlen import choose_attention, use_varlen_attention
@@ -47,7 +47,7 @@ def load_tokenizer(name: str, option: str = "--model") -> PreTrainedTokenizerBas
         tokenizer = AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
     except (OSError, ValueError) as e:
         raise ConfigError(f"{option}: cannot load a tokenizer from '{name}': "
-                          f"{str(e).splitlines()[0]}") from None  # fmt: skip
+                          f"{one_line(e)}") from None  # fmt: skip
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -62,7 +62,7 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(str(Path(name).expanduser()), dtype=dtype)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{option}: cannot load a causal LM from '{name}': "
-                          f"{str(e).splitlines()[0]}") from None  # fmt: skip
+                          f"{one_line(e)}") from None  # fmt: skip
     return model
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from direct_align.errors import ConfigError
+from direct_align.errors import ConfigError, one_line
 
 ALL_LINEAR = "all-linear"  # peft: every linear layer of the decoder, not the LM head
 
@@ -68,7 +68,7 @@ def apply_lora(model: PreTrainedModel, cfg: Any) -> Any:
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
-        raise ConfigError(f"--lora-targets: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"--lora-targets: {one_line(e)}") from None
     head = peft_model.get_output_embeddings()
     if cfg.chunked_logprobs and hasattr(head, "base_layer"):
         raise ConfigError("--lora-targets: the LM head cannot take an adapter with the chunked "

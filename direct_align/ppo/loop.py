@@ -161,8 +161,8 @@ def fit_ppo(
         max_grad_norm=cfg.max_grad_norm)  # fmt: skip
     unwrapped = accelerator.unwrap_model(actor_critic)  # sampling and scoring need no DDP
     reduce: Reduce = partial(sum_across, accelerator=accelerator)
-    loop = Loop(session, PPOState(kl_coef=cfg.kl_coef), total=cfg.rollouts, cfg=cfg, desc="ppo",
-                state_key="ppo_state", unit="rollout")  # fmt: skip
+    loop = Loop(session, PPOState(kl_coef=cfg.kl_coef), model=actor_critic, scheduler=scheduler,
+                total=cfg.rollouts, cfg=cfg, desc="ppo", state_key="ppo_state", unit="rollout")  # fmt: skip
     loop.resume(load_kwargs)
     state = loop.state
     kl_ctl = KLController(state.kl_coef, target=cfg.target_kl, horizon=cfg.kl_horizon)
@@ -219,12 +219,16 @@ def fit_ppo(
             if loop.log_due():
                 tracker.log(metrics, it)
             if evaluate is not None and (loop.due(cfg.eval_every) or loop.finished):
-                tracker.log(evaluate(it), it)
+                evaluated = evaluate(it)
+                if loop.finished:  # the final evaluation: a stop signal now checkpoints first
+                    loop.stop_if_requested(f"at rollout {it}, during the final evaluation")
+                tracker.log(evaluated, it)
             loop.bar.update(1)
             loop.bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{seq_kl:.2f}",
                                  refresh=False)  # fmt: skip
             if loop.boundary():
                 return state, actor_critic, False
+    loop.stop_if_requested(f"at rollout {state.step}")
     return state, actor_critic, True
 
 

@@ -67,7 +67,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
     rm_dir = Path(cfg.output_dir) / "reward_model"
     builtin_rm = cfg.reward_model is None
     # a run stopped during its RM stage has no PPO checkpoint yet: --resume continues that stage
-    with Session(cfg, begun=builtin_rm and rm_dir.is_dir()) as session:
+    with Session(cfg) as session:
         # 1. inputs: the built-in task fills in whatever was not given
         inputs = resolve_inputs(cfg)
         tokenizer = load_tokenizer(inputs.model_path)

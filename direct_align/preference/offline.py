@@ -93,13 +93,17 @@ def fit(policy: PreferenceModel, train: PairDataset, evals: PairDataset, refs: R
     if callable(refs):  # under FSDP: the sharded initial policy scores the pairs, before resuming
         refs = refs(model)
     ref_train, ref_eval = refs.get("train"), refs.get("eval")
-    loop = Loop(session, EpochState(), total=total, cfg=cfg, desc=f"train ({cfg.loss})")
+    loop = Loop(session, EpochState(), model=model, scheduler=scheduler, total=total, cfg=cfg,
+                desc=f"train ({cfg.loss})")
     loop.resume(load_kwargs)
     state = loop.state
 
     def evaluate() -> dict[str, float]:
         metrics = eval_metrics(model, evals, ref_eval, cfg=cfg, accelerator=accelerator,
                                pad_token_id=pad_token_id)  # fmt: skip
+        loop.check_eval(metrics["eval/loss"])
+        if loop.finished:  # the final evaluation: a stop signal now leaves a checkpoint first
+            loop.stop_if_requested(f"at step {state.step}, during the final evaluation")
         tracker.log(metrics, state.step)
         return metrics
 

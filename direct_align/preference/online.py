@@ -154,8 +154,9 @@ def fit_online(
                                             max_grad_norm=cfg.max_grad_norm)  # fmt: skip
     if callable(ref_eval):  # under FSDP: scored by the sharded initial policy, before resuming
         ref_eval = ref_eval(model)
-    loop = Loop(session, OnlineState(), total=total, cfg=cfg, desc=f"online ({cfg.loss})",
-                state_key="online_state", until=lambda st: st.round >= cfg.rounds)  # fmt: skip
+    loop = Loop(session, OnlineState(), model=model, scheduler=scheduler, total=total, cfg=cfg,
+                desc=f"online ({cfg.loss})", state_key="online_state",
+                until=lambda st: st.round >= cfg.rounds)  # fmt: skip
     loop.resume(load_kwargs)
     state = loop.state
     eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
@@ -165,6 +166,9 @@ def fit_online(
             return {}
         metrics = eval_metrics(model, evals, ref_eval, cfg=cfg, accelerator=accelerator,
                                pad_token_id=pad)  # fmt: skip
+        loop.check_eval(metrics["eval/loss"])
+        if loop.finished:  # the final evaluation: a stop signal now leaves a checkpoint first
+            loop.stop_if_requested(f"at step {state.step}, during the final evaluation")
         tracker.log(metrics, state.step)
         return metrics
 
@@ -231,7 +235,9 @@ def fit_online(
                 eval_now = evaluate()
             if loop.boundary():
                 return state, eval_now, model, False
-    return state, evaluate() or eval_now, model, True
+    final = evaluate() or eval_now
+    loop.stop_if_requested(f"after round {state.round}")
+    return state, final, model, True
 
 
 def _judge_failed(error: JudgeError, loop: Loop[OnlineState]) -> JudgeError:

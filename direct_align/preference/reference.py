@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import xxhash
 from accelerate import Accelerator
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -35,7 +35,7 @@ from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import adapters_disabled, base_state_dict
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: files carry a checksum of their sums
 _LOCATION_KEYS = ("_name_or_path", "_commit_hash")
 
 
@@ -147,6 +147,14 @@ def score_shared(model: PreferenceModel, pairs: PairDataset, *, accelerator: Acc
     return score(pairs) if accelerator.num_processes == 1 else _sharded(score, pairs, accelerator)
 
 
+def _checksum(ref: ReferenceLogps) -> str:
+    """xxh3-64 of the sums' bytes, stored with them and checked when they are read back."""
+    h = xxhash.xxh3_64()
+    for t in (ref.chosen, ref.rejected):
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class ReferenceCache:
     """A directory of ``<key>.safetensors`` files, one per (reference, data split)."""
 
@@ -171,13 +179,19 @@ class ReferenceCache:
         if not ok or not (torch.isfinite(ref.chosen).all() and torch.isfinite(ref.rejected).all()):
             log.warning("reference cache %s does not match the data; recomputing", path)
             return None
+        with safe_open(str(path), "pt") as f:
+            stored = (f.metadata() or {}).get("checksum")
+        if stored != _checksum(ref):  # finite but altered values (or a file without one)
+            log.warning("reference cache %s fails its checksum; recomputing", path)
+            return None
         return ref
 
     def save(self, key: str, ref: ReferenceLogps, metadata: dict[str, str]) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        meta = {**metadata, "format_version": FORMAT_VERSION, "created": time.ctime()}
+        meta = {**metadata, "format_version": FORMAT_VERSION, "created": time.ctime(),
+                "checksum": _checksum(ref)}
         save_file({"chosen": ref.chosen.contiguous(), "rejected": ref.rejected.contiguous()},
                   str(tmp), metadata=meta)  # fmt: skip
         os.replace(tmp, path)
@@ -198,13 +212,16 @@ def cached_reference_logps(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     accelerator: Accelerator | None = None,
     fingerprint: str | None = None,
+    check_stop: Callable[[], None] | None = None,
 ) -> tuple[dict[str, ReferenceLogps], dict[str, str]]:
     """Reference sums of each split (e.g. train, eval), from the cache or computed and stored.
 
     With an ``accelerator`` of several processes, each scores every ``num_processes``-th pair,
     the sums are gathered into every process, and the main process writes the cache.
     ``fingerprint``: the model's :func:`model_fingerprint`, taken before it was sharded (a
-    sharded model holds a part of its weights in each process).
+    sharded model holds a part of its weights in each process). ``check_stop`` is called after
+    every batch (in every process alike), to stop on a signal; the splits already scored are
+    cached by then.
     Returns ({split: sums}, {split: "reused <path>" | "computed <path>"}).
     """
     processes = accelerator.num_processes if accelerator is not None else 1
@@ -223,9 +240,14 @@ def cached_reference_logps(
             log.info("reference log-probs (%s): scoring %d pairs once", name, len(pairs))
             with progress(total=len(pairs), desc=f"reference ({name})", unit="pair",
                           leave=False) as bar:  # fmt: skip
+                def advance(n: int, bar: Any = bar) -> None:
+                    bar.update(n)
+                    if check_stop is not None:
+                        check_stop()
+
                 score = partial(score_pairs, model, batch_size=batch_size, layout=layout,
                                 pad_token_id=pad_token_id, device=device, autocast=autocast,
-                                progress=bar.update)  # fmt: skip
+                                progress=advance)  # fmt: skip
                 ref = score(pairs) if processes == 1 else _sharded(score, pairs, accelerator)
             path = cache.path(key)
             if accelerator is None or accelerator.is_main_process:

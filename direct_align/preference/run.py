@@ -79,7 +79,8 @@ def _scorer(cfg: TrainConfig, inputs: Inputs, tokenizer: Any, session: Session,
                    settings={"precision": "bf16" if uses_bf16(cfg) else "fp32"},
                    batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, layout=cfg.layout,
                    pad_token_id=tokenizer.pad_token_id, device=session.accelerator.device,
-                   autocast=session.accelerator.autocast, accelerator=session.accelerator)  # fmt: skip
+                   autocast=session.accelerator.autocast, accelerator=session.accelerator,
+                   check_stop=lambda: session.check_stop("during the reference pass"))  # fmt: skip
 
 
 def _conclude(session: Session, prepared: Any, tokenizer: Any, inputs: Inputs, cfg: TrainConfig,

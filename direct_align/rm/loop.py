@@ -50,13 +50,17 @@ def fit_rm(model: PreTrainedModel, train: PairDataset, evals: PairDataset, *, cf
     model, optimizer, load_kwargs = prepare(model, optimizer, scheduler, accelerator=accelerator,
                                             micro_batch_size=cfg.batch_size,
                                             max_grad_norm=cfg.max_grad_norm)  # fmt: skip
-    loop = Loop(session, EpochState(), total=total, cfg=cfg, desc="train (reward model)")
+    loop = Loop(session, EpochState(), model=model, scheduler=scheduler, total=total, cfg=cfg,
+                desc="train (reward model)")
 
     def evaluate(log: bool = True) -> RewardEval:  # every process scores all pairs
         result = evaluate_rm(accelerator.unwrap_model(model), evals,
                              batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                              pad_token_id=pad_token_id, device=device,
                              center_coef=cfg.center_rewards_coef, autocast=accelerator.autocast)  # fmt: skip
+        loop.check_eval(result.metrics["loss"])
+        if loop.finished and log:  # the final evaluation: a stop signal now checkpoints first
+            loop.stop_if_requested(f"at step {loop.state.step}, during the final evaluation")
         if log:
             tracker.log({f"eval/{k}": v for k, v in result.metrics.items()}, loop.state.step)
         return result

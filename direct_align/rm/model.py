@@ -19,7 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from direct_align.data import PairBatch, fit_pair
 from direct_align.data.prompts import encode_prompts
-from direct_align.errors import ConfigError
+from direct_align.errors import ConfigError, one_line
 from direct_align.models.loading import check_model_path
 
 
@@ -38,7 +38,7 @@ def load_reward_model(
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{option}: cannot load '{name}' as a reward model "
-                          f"(sequence classifier): {str(e).splitlines()[0]}") from None  # fmt: skip
+                          f"(sequence classifier): {one_line(e)}") from None  # fmt: skip
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

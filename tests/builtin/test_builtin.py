@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from direct_align.builtin.build import BuiltinSpec, build_base_model, build_pairs
+from direct_align.builtin.build import (
+    BuiltinSpec,
+    build_base_model,
+    build_pairs,
+    remove_abandoned_builds,
+)
 from direct_align.builtin.task import sample_corpus, sample_prompts, true_reward
 
 
@@ -80,3 +88,16 @@ def test_pairs_never_hold_a_blank_response_whatever_the_thread_count(threads: in
     assert len(train) == 300 and len(evals) == 20
     assert all(row["a"].strip() and row["b"].strip() for row in train)
     assert all(row["chosen"].strip() and row["rejected"].strip() for row in evals)
+
+
+def test_an_interrupted_build_leaves_no_folder_behind(tmp_path) -> None:
+    """A build killed mid-way leaves ``v<version>-<key>.tmp<pid>``; the next build removes the
+    folders of processes that are gone and keeps one that is still building."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    abandoned = tmp_path / f"v2-0123456789abcdef.tmp{dead}"
+    running = tmp_path / f"v2-0123456789abcdef.tmp{os.getpid()}"
+    for folder in (abandoned, running):
+        (folder / "base").mkdir(parents=True)
+    remove_abandoned_builds(tmp_path)
+    assert not abandoned.exists() and running.is_dir()

@@ -244,6 +244,9 @@ def test_multi_turn_prompt_is_the_shared_leading_messages(tiny_tokenizer) -> Non
         ([user("q"), assistant("a")], [user("other"), assistant("b")], "share no leading messages"),
         ([user("q"), assistant("a")], [user("q"), user("b")], "must start with an assistant"),
         ([user("q"), assistant(" ")], [user("q"), assistant("b")], "field 'chosen' has an empty"),
+        ([{"role": "usr", "content": "q"}, assistant("a")], [user("q"), assistant("b")],
+         "field 'chosen' message 1 has an unknown role 'usr' (known: system, developer, user, "
+         "assistant, tool, function, ipython)"),
     ],
 )  # fmt: skip
 def test_conversational_row_errors(tiny_tokenizer, chosen, rejected, problem: str) -> None:

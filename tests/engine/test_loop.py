@@ -147,6 +147,47 @@ def test_a_non_finite_loss_stops_before_the_weights_change(tmp_path: Path) -> No
         run_toy(ToyConfig(steps=5, output_dir=str(tmp_path / "run")), loss_of=poison_third_step)
 
 
+def test_a_non_finite_held_out_loss_stops_before_the_weights_are_saved(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(DirectAlignError, match=r"^step 6: the held-out loss is nan: the weights "
+                                               r"diverged .*; last checkpoint: .*step-000004$"):  # fmt: skip
+        run_toy(ToyConfig(steps=10, eval_every=3, save_every=2, output_dir=str(out)),
+                eval_loss=lambda step: float("nan") if step == 6 else 1.0)  # fmt: skip
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_a_non_finite_weight_is_never_checkpointed(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+
+    def poison(loop: Loop) -> None:  # after step 4's update, before its checkpoint
+        if loop.state.step == 4:
+            with torch.no_grad():
+                loop.model.weight[0, 0] = float("inf")
+
+    with pytest.raises(DirectAlignError, match=r"^step 4: the weights hold non-finite values "
+                                               r"\(.*weight\); not checkpointed; last checkpoint: "
+                                               r".*step-000002$"):  # fmt: skip
+        run_toy(ToyConfig(steps=10, save_every=2, output_dir=str(out)), on_step=poison)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+
+
+def test_a_signal_during_the_final_evaluation_leaves_the_last_step_checkpointed(
+        tmp_path: Path) -> None:  # fmt: skip
+    whole, _, _ = run_toy(ToyConfig(steps=6, output_dir=str(tmp_path / "whole")))
+    out = tmp_path / "run"
+
+    def signal_then_loss(step: int) -> float:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return 1.0
+
+    with pytest.raises(Interrupted, match="at step 6, during the final evaluation; checkpoint saved"):
+        run_toy(ToyConfig(steps=6, output_dir=str(out)), eval_loss=signal_then_loss)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000006"]
+    resumed, _, finished = run_toy(ToyConfig(steps=6, resume=True, output_dir=str(out)))
+    assert finished
+    assert_same_weights(resumed, whole)
+
+
 def test_accumulate_raises_before_any_backward() -> None:
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(2, 1)

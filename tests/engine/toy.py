@@ -57,8 +57,10 @@ def toy_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def run_toy(cfg: ToyConfig, *, on_step: Callable[[Loop], None] | None = None,
             loss_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            eval_loss: Callable[[int], float] = lambda step: 1.0,
             ) -> tuple[nn.Module, list[tuple[str, int]], bool]:  # fmt: skip
-    """Train the toy; returns (model, the (event, step) it logged, evaluated and saved at, finished)."""
+    """Train the toy; returns (model, the (event, step) it logged, evaluated and saved at,
+    finished). ``eval_loss(step)``: the held-out loss its evaluations report."""
     x, y = toy_data()
     events: list[tuple[str, int]] = []
     with Session(cfg) as session:
@@ -70,7 +72,8 @@ def run_toy(cfg: ToyConfig, *, on_step: Callable[[Loop], None] | None = None,
         model, optimizer, load_kwargs = prepare(model, optimizer, scheduler,
                                                 accelerator=accelerator, micro_batch_size=4,
                                                 max_grad_norm=cfg.max_grad_norm)  # fmt: skip
-        loop = Loop(session, ToyState(), total=cfg.steps, cfg=cfg, desc="toy")
+        loop = Loop(session, ToyState(), model=model, scheduler=scheduler, total=cfg.steps, cfg=cfg,
+                    desc="toy")
         loop.resume(load_kwargs)
         state = loop.state
 
@@ -97,10 +100,13 @@ def run_toy(cfg: ToyConfig, *, on_step: Callable[[Loop], None] | None = None,
                 loop.log_train({"train/rows": state.rows_seen})
                 if loop.eval_due():
                     events.append(("eval", state.step))
+                    loop.check_eval(eval_loss(state.step))
                 saved = session.run.last_checkpoint()
                 stop = loop.boundary()
                 if session.run.last_checkpoint() != saved:
                     events.append(("save", state.step))
                 if stop:
                     return accelerator.unwrap_model(model), events, False
+        loop.check_eval(eval_loss(state.step))  # the final evaluation
+        loop.stop_if_requested(f"at step {state.step}, during the final evaluation")
         return accelerator.unwrap_model(model), events, True

@@ -43,12 +43,12 @@ def commands(name: str, model: Path, files: dict[str, Path]) -> list[str]:
                      "--max-steps", "120", "--batch-size", "4", "--learning-rate", "1e-3",
                      "--max-length", "64", "--eval-every", "40", "--save-every", "0"],
         "ppo": ["ppo", "--model", str(model), "--reward-model", str(files["rm"] / "final"),
-                "--dataset", str(files["prompts"]), "--rollouts", "14", "--rollout-batch-size", "8",
+                "--dataset", str(files["prompts"]), "--rollouts", "20", "--rollout-batch-size", "8",
                 "--mini-batch-size", "4", "--max-new-tokens", "8", "--learning-rate", "1e-3",
                 "--eval-every", "0", "--save-every", "0"],
         "train --online": ["train", "--online", "--model", str(model), "--dataset",
                            str(files["prompts"]), "--reward", f"{files['judges']}:letter_e",
-                           "--rounds", "10", "--prompts-per-round", "8", "--max-new-tokens", "8",
+                           "--rounds", "14", "--prompts-per-round", "8", "--max-new-tokens", "8",
                            "--max-length", "48", "--batch-size", "4", "--learning-rate", "5e-2",
                            "--eval-every", "0", "--save-every", "0"],
     }[name]  # fmt: skip
@@ -64,10 +64,11 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
-def stop_mid_run(args: list[str], out: Path, cache: Path) -> str:
-    """Start ``args``, send SIGTERM once it logs train metrics past those already in
-    ``out/metrics.jsonl``; returns its stderr after checking it stopped with a checkpoint and
-    exit status 143."""
+def stop_mid_run(args: list[str], out: Path, cache: Path, *, kill: bool = False,
+                 records: int = 1) -> str:
+    """Start ``args``; once it logs ``records`` train records past those already in
+    ``out/metrics.jsonl``, send SIGTERM (or with ``kill`` SIGKILL: no chance to save); returns
+    its stderr after checking how it ended."""
     env = {**os.environ, "DIRECT_ALIGN_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "direct_align", *args, "--output-dir", str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -79,11 +80,14 @@ def stop_mid_run(args: list[str], out: Path, cache: Path) -> str:
 
     before = train_records()
     deadline = time.monotonic() + 300
-    while train_records() <= before:
+    while train_records() < before + records:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
+    if kill:
+        assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
+        return stderr
     assert proc.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr and "checkpoint saved, continue with --resume" in stderr
     assert not (out / "final").exists() and any((out / "checkpoints").glob("step-*"))
@@ -93,8 +97,9 @@ def stop_mid_run(args: list[str], out: Path, cache: Path) -> str:
 @pytest.mark.parametrize("command", ["train-rm", "ppo", "train --online"])
 def test_stopped_twice_then_resumed_it_ends_with_the_weights_of_an_uninterrupted_run(
         command: str, files: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:  # fmt: skip
-    """Stopped by --max-steps-per-run, resumed and stopped by SIGTERM mid-run, resumed to the
-    end: the weights and the logged steps are those of one uninterrupted run."""
+    """Stopped by --max-steps-per-run, resumed and stopped by SIGTERM mid-run, resumed and
+    killed (SIGKILL) mid-run, resumed to the end: the weights and the logged steps are those of
+    one uninterrupted run."""
     args = commands(command, tiny_model_dir, files)
     straight = tmp_path / "straight"
     assert_ok(run_cli([*args, "--output-dir", str(straight)], files["cache"]))
@@ -107,6 +112,9 @@ def test_stopped_twice_then_resumed_it_ends_with_the_weights_of_an_uninterrupted
     assert state["step"] >= 3  # online stops at the end of the round that reached 3 steps
     stderr = stop_mid_run([*args, "--resume"], out, files["cache"])
     assert "resuming from" in stderr
+    # killed: the newest checkpoint (every 2 steps here) is where the next run starts
+    stop_mid_run([*args, "--resume", "--save-every", "2"], out, files["cache"], kill=True,
+                 records=3)  # fmt: skip
     resumed = run_cli([*args, "--output-dir", str(out), "--resume"], files["cache"])
     assert_ok(resumed)
     assert_same(final_weights(out), final_weights(straight))

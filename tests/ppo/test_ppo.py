@@ -119,6 +119,10 @@ def test_load_prompts_text_and_chat_and_errors(tmp_path, tiny_tokenizer):
     write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a"}, {"prompt": " "}])
     with pytest.raises(DataError, match=r"bad.jsonl: row 1: field 'prompt' is empty"):
         load_prompts(str(tmp_path / "bad.jsonl"), tiny_tokenizer)
+    write_jsonl(tmp_path / "role.jsonl", [{"prompt": [{"role": "human", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"role.jsonl: row 0: field 'prompt' message 1 has an "
+                                        r"unknown role 'human'"):  # fmt: skip
+        load_prompts(str(tmp_path / "role.jsonl"), tiny_tokenizer)
     write_jsonl(tmp_path / "none.jsonl", [{"text": "a"}])
     with pytest.raises(DataError, match="no 'prompt' column"):
         load_prompts(str(tmp_path / "none.jsonl"), tiny_tokenizer)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -231,6 +232,18 @@ def test_cache_treats_a_damaged_file_as_absent(tmp_path: Path, damage: str) -> N
         path.write_bytes(path.read_bytes()[:-7])
     else:
         save_file({"chosen": torch.zeros(5)}, str(path))
+    assert cache.load("k", 5) is None
+
+
+def test_cache_rejects_finite_values_that_differ_from_what_was_written(tmp_path: Path) -> None:
+    """A bit flipped on disk, or an edited file: the values are finite and of the right length,
+    so only the checksum written with them can tell."""
+    cache = ReferenceCache(tmp_path)
+    path = cache.save("k", ReferenceLogps(torch.full((5,), -3.0), torch.full((5,), -4.0)), {"a": "b"})
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    save_file({"chosen": torch.tensor([-3.0, -3.0, -2.5, -3.0, -3.0]), "rejected": torch.full((5,), -4.0)},
+              str(path), metadata=metadata)  # fmt: skip
     assert cache.load("k", 5) is None
 
 
