@@ -194,7 +194,10 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; turns every expected failure into one line."""
+    from direct_align import engine
+
     _setup_logging()
+    engine.invocation = list(argv) if argv is not None else sys.argv[1:]
     try:
         cli.main(args=argv, prog_name="direct-align", standalone_mode=False)
     except click.exceptions.Exit as e:

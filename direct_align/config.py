@@ -177,7 +177,10 @@ def coerce(setting: Setting, value: Any, subject: str) -> Any:
 # --- YAML ----------------------------------------------------------------------------------
 
 
-def _unknown(name: str, known: Iterable[str], subject: str) -> ConfigError:
+def _unknown(name: str, known: Iterable[str], subject: str,
+             foreign: dict[str, str] | None = None) -> ConfigError:  # fmt: skip
+    if foreign and name in foreign:  # another tool's name for one of ours
+        return ConfigError(f"{subject}'{name}' is TRL's name; here it is {foreign[name]}")
     close = difflib.get_close_matches(name, list(known), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"{subject}unknown setting '{name}'{hint}")
@@ -217,7 +220,7 @@ def load_yaml(path: str, cls: type) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         where = f"{path}:{lines[name]}: "
         if name not in settings:
-            raise _unknown(name, settings, where)
+            raise _unknown(name, settings, where, getattr(cls, "foreign_names", None))
         values[name] = coerce(settings[name], value, f"{where}{name}")
     return values
 
@@ -229,6 +232,7 @@ class CommandSettings(Protocol):
     """What :func:`resolve` needs of a command's settings dataclass."""
 
     builtin_preset: ClassVar[dict[str, Any]]
+    foreign_names: ClassVar[dict[str, str]]  # other tools' names for settings (optional)
 
     def complete(self) -> None:
         """Fill in the defaults computed from other settings (e.g. β from the loss)."""

@@ -169,8 +169,10 @@ def generation_report(
     max_new_tokens: int,
     seed: int = 0,
     batch_size: int = 64,
-) -> dict[str, float]:
-    """True reward of the reference's and the policy's samples on ``prompts``, and KL.
+    rows: int = 0,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """True reward of the reference's and the policy's samples on ``prompts``, and KL; and the
+    first ``rows`` prompts with both samples, their rewards and the policy sample's KL.
 
     KL(policy‖reference) is the sequence-level Monte-Carlo estimate used in the DPO paper's
     reward/KL frontier: the mean over policy samples y of log π(y|x) − log π_ref(y|x), in nats.
@@ -179,13 +181,21 @@ def generation_report(
     common = {"max_new_tokens": max_new_tokens, "eos_token_id": tokenizer.eos_token_id,
               "pad_token_id": tokenizer.pad_token_id, "batch_size": batch_size, "seed": seed}  # fmt: skip
     report: dict[str, float] = {}
+    texts: dict[str, list[str]] = {}
+    rewards: dict[str, list[float]] = {}
     for name, model in (("reference", reference), ("policy", policy)):
         responses = sample(model, prompt_ids, **common)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        report[f"{name}/true_reward"] = mean(map(reward, texts))
+        texts[name] = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        rewards[name] = [reward(t) for t in texts[name]]
+        report[f"{name}/true_reward"] = mean(rewards[name])
         report[f"{name}/response_tokens"] = float(mean(map(len, responses)))
     pad = tokenizer.pad_token_id
     logp_policy = score_responses(policy, prompt_ids, responses, pad_token_id=pad)
     logp_ref = score_responses(reference, prompt_ids, responses, pad_token_id=pad)
-    report["policy/kl"] = (logp_policy - logp_ref).mean().item()
-    return report
+    kl = logp_policy - logp_ref
+    report["policy/kl"] = kl.mean().item()
+    table = [{"prompt": prompts[i], "reference": texts["reference"][i],
+              "policy": texts["policy"][i], "reference_reward": rewards["reference"][i],
+              "policy_reward": rewards["policy"][i], "policy_kl": kl[i].item()}
+             for i in range(min(rows, len(prompts)))]  # fmt: skip
+    return report, table

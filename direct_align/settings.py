@@ -10,6 +10,7 @@ Settings that one package alone reads are declared in that package (e.g.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,24 @@ MAX_STEPS_PER_RUN = Setting(int, None, "Stop with a checkpoint after N steps in 
                                        "(for time-limited jobs; --resume later).", rule=at_least(1), resumable=True)  # fmt: skip
 REPORT_TO = Setting(str, "jsonl", "Trackers besides metrics.jsonl (always written).", TRACKERS,
                     resumable=True)
-WANDB_PROJECT = Setting(str, "direct-align", "W&B project.")
+WANDB_PROJECT = Setting(str, None, "W&B project (default: $WANDB_PROJECT, then direct-align).",
+                        resumable=True)  # fmt: skip
+WANDB_GROUP = Setting(str, None, "W&B group of the run (default: $WANDB_RUN_GROUP, if set).",
+                      resumable=True)  # fmt: skip
+WANDB_TAGS = Setting(list, None, "A W&B tag of the run (repeatable; default: $WANDB_TAGS).",
+                     resumable=True)  # fmt: skip
+WANDB_NOTES = Setting(str, None, "W&B notes of the run (default: $WANDB_NOTES).", resumable=True)
+WANDB_CONFIG = Setting(list, None, "An extra KEY=VALUE of the W&B run's config, e.g. to group "
+                                   "runs by it (repeatable).", resumable=True)  # fmt: skip
+WANDB_LOG_MODEL = Setting(bool, False, "Upload final/ to W&B as a model artifact.", resumable=True)
 RUN_NAME = Setting(str, None, "Run name for trackers (default: output directory name).", resumable=True)
+LOG_GENERATIONS = Setting(int, 8, "Rows of sample generations logged at each evaluation that "
+                                  "samples (a W&B table and generations.jsonl; 0: none).",
+                          rule=NON_NEGATIVE, resumable=True)  # fmt: skip
+DISABLE_DROPOUT = Setting(bool, True, "Turn every dropout of the trained model off, as TRL does (the "
+                                      "reference is scored without dropout).")  # fmt: skip
+PUSH_TO_HUB = Setting(str, None, "Upload final/ with its model card to this Hugging Face Hub "
+                                 "repository (needs the network and a token).", resumable=True)  # fmt: skip
 CACHE_DIR = Setting(str, None, "Cache for reference log-probs and the built-in task (default: "
                                "$DIRECT_ALIGN_CACHE or ~/.cache/direct_align).", resumable=True)  # fmt: skip
 
@@ -87,6 +104,53 @@ LABEL_NOISE = Setting(float, 0.0, "Built-in task: share of preference labels fli
                       rule=within(0, 0.5))  # fmt: skip
 EVAL_PROMPTS = Setting(int, 128, "Built-in task: held-out prompts sampled for the reward table.",
                        rule=at_least(1))  # fmt: skip
+
+
+# --- the names a TRL user will try ----------------------------------------------------------------
+# TRL's (transformers') training arguments → what direct-align calls them (and how they differ)
+TRL_NAMES: dict[str, str] = {
+    "model_name_or_path": "model",
+    "dataset_name": "dataset",
+    "dataset_train_split": "split",
+    "dataset_test_split": "eval_split",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "lr_scheduler",
+    "warmup_steps": "warmup_ratio (a share of the steps, not a count)",
+    "logging_steps": "log_every",
+    "eval_steps": "eval_every",
+    "save_steps": "save_every",
+    "bf16": "precision (precision: bf16)",
+    "fp16": "precision (bf16 or fp32; no fp16)",
+    "torch_dtype": "precision",
+    "dtype": "precision",
+    "report_to": "report_to (none, jsonl or wandb: one tracker)",
+    "run_name": "run_name",
+    "push_to_hub": "push_to_hub (the repository's name)",
+    "hub_model_id": "push_to_hub",
+    "resume_from_checkpoint": "resume (true: the output directory's last checkpoint)",
+    "overwrite_output_dir": "overwrite",
+    "gradient_checkpointing_kwargs": "gradient_checkpointing",
+    "attn_implementation": "attn",
+    "padding_free": "layout (shared or packed: no padding)",
+    "use_peft": "lora_r (LoRA is on when lora_r is set)",
+    "lora_target_modules": "lora_targets",
+    "max_completion_length": "max_length (prompt and response together)",
+    "precompute_ref_log_probs": "nothing: reference log-probs are always computed once and cached",
+    "generate_during_eval": "log_generations",
+    "simpo_gamma": "gamma",
+    "loss_type": "loss (sigmoid → dpo, ipo → ipo, hinge → hinge, robust → robust; "
+                 "ORPO and SimPO are losses here: orpo, simpo)",
+    "center_rewards_coefficient": "center_rewards_coef",
+    "cliprange": "clip_range",
+    "cliprange_value": "value_clip_range",
+    "num_ppo_epochs": "ppo_epochs",
+    "response_length": "max_new_tokens",
+    "num_mini_batches": "mini_batch_size (responses per step, not a count of minibatches)",
+    "disable_dropout": "disable_dropout",
+}
 
 
 # --- groups of settings that commands share -------------------------------------------------------
@@ -131,8 +195,23 @@ class OptimSettings:
 
 
 @dataclass
-class RunSettings:
-    """The run directory, resume, cadence, trackers and cache (every training command)."""
+class TrackerSettings:
+    """Where a command reports: metrics.jsonl always, W&B with ``--report-to wandb`` (every
+    command)."""
+
+    report_to: str = REPORT_TO.field()
+    run_name: str | None = RUN_NAME.field()
+    wandb_project: str | None = WANDB_PROJECT.field()
+    wandb_group: str | None = WANDB_GROUP.field()
+    wandb_tags: list[str] = WANDB_TAGS.field()
+    wandb_notes: str | None = WANDB_NOTES.field()
+    wandb_config: list[str] = WANDB_CONFIG.field()
+
+
+@dataclass
+class RunSettings(TrackerSettings):
+    """The run directory, resume, cadence, what is logged and kept, and the cache (every
+    training command)."""
 
     output_dir: str | None = OUTPUT_DIR.field()
     overwrite: bool = OVERWRITE.field()
@@ -142,9 +221,9 @@ class RunSettings:
     save_total_limit: int = SAVE_TOTAL_LIMIT.field()
     log_every: int = LOG_EVERY.field()
     max_steps_per_run: int | None = MAX_STEPS_PER_RUN.field()
-    report_to: str = REPORT_TO.field()
-    wandb_project: str = WANDB_PROJECT.field()
-    run_name: str | None = RUN_NAME.field()
+    log_generations: int = LOG_GENERATIONS.field()
+    wandb_log_model: bool = WANDB_LOG_MODEL.field()
+    push_to_hub: str | None = PUSH_TO_HUB.field()
     cache_dir: str | None = CACHE_DIR.field()
 
 
@@ -160,9 +239,24 @@ def complete_output_dir(cfg: Any, prefix: str) -> None:
 
 
 def run_checks(cfg: Any) -> list[tuple[bool, str]]:
-    """(ok, message) for the run settings that exclude each other."""
-    return [(not (getattr(cfg, "resume", False) and cfg.overwrite),
-             "--resume and --overwrite exclude each other")]  # fmt: skip
+    """(ok, message) for the run settings that exclude each other or need something."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return [
+        (not (getattr(cfg, "resume", False) and cfg.overwrite),
+         "--resume and --overwrite exclude each other"),
+        *tracker_checks(cfg),
+        (not (getattr(cfg, "push_to_hub", None) and offline),
+         f"--push-to-hub {getattr(cfg, 'push_to_hub', '')}: the Hub cannot be reached with "
+         "HF_HUB_OFFLINE set; unset it, or push final/ later with `hf upload`"),
+        (not (getattr(cfg, "wandb_log_model", False) and cfg.report_to != "wandb"),
+         "--wandb-log-model needs --report-to wandb"),
+    ]  # fmt: skip
+
+
+def tracker_checks(cfg: Any) -> list[tuple[bool, str]]:
+    """``--wandb-config`` items are KEY=VALUE."""
+    bad = [item for item in cfg.wandb_config if "=" not in item or item.startswith("=")]
+    return [(not bad, f"--wandb-config '{bad[0] if bad else ''}' must be KEY=VALUE")]
 
 
 def uses_bf16(cfg: Any) -> bool:

@@ -52,7 +52,7 @@ def held_out_reward(final: Path, base: Path, prompts: list[str], seed: int) -> d
     policy, reference = load_causal_lm(str(final)), load_causal_lm(str(base))
     return generation_report(policy, reference, load_tokenizer(str(base)), prompts,
                              reward=true_reward, max_new_tokens=BuiltinSpec().max_new_tokens,
-                             seed=seed)  # fmt: skip
+                             seed=seed)[0]  # fmt: skip
 
 
 def main() -> None:

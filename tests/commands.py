@@ -39,6 +39,20 @@ def run_cli(args: list[str], cache: Path, **env: str) -> subprocess.CompletedPro
                           text=True, env=full_env, timeout=600)  # fmt: skip
 
 
+def run_here(args: list[str], cache: Path, **env: str) -> int:
+    """`direct-align ARGS` in this process (no start-up cost), with its own cache directory and
+    ``env``; returns its exit status. For runs whose process does not matter (no signals, no
+    exit codes of a real process)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"DIRECT_ALIGN_CACHE": str(cache), **env}.items():
+            mp.setenv(key, value)
+        try:
+            main(args)
+        except SystemExit as e:
+            return int(e.code or 0)
+    return 0
+
+
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

@@ -146,6 +146,32 @@ def test_yaml_errors_name_the_file_and_line(tmp_path: Path) -> None:
         load_yaml(str(path), TrainConfig)
 
 
+def test_trl_names_point_to_direct_align_settings(tmp_path: Path) -> None:
+    path = tmp_path / "trl.yaml"
+    path.write_text("model_name_or_path: Qwen/Qwen2.5-0.5B\n")
+    with pytest.raises(ConfigError, match=f"^{path}:1: 'model_name_or_path' is TRL's name; here "
+                                          "it is model$"):  # fmt: skip
+        resolve(TrainConfig, {}, str(path))
+    path.write_text("beta: 0.1\nloss_type: sigmoid\n")
+    with pytest.raises(ConfigError, match=r"'loss_type' is TRL's name; here it is loss \(sigmoid "
+                                          r"→ dpo"):  # fmt: skip
+        resolve(TrainConfig, {}, str(path))
+    path.write_text("per_device_train_batch_size: 4\n")
+    for cls in (TrainConfig, RewardConfig):
+        with pytest.raises(ConfigError, match="here it is batch_size"):
+            resolve(cls, {}, str(path))
+
+
+def test_push_to_hub_is_refused_up_front_when_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="--push-to-hub me/model: the Hub cannot be reached"):
+        train_settings({"push_to_hub": "me/model"})
+    with pytest.raises(ConfigError, match="--wandb-log-model needs --report-to wandb"):
+        train_settings({"wandb_log_model": True})
+    with pytest.raises(ConfigError, match="--wandb-config 'nokey' must be KEY=VALUE"):
+        train_settings({"wandb_config": ("nokey",)})
+
+
 def test_yaml_settings_of_another_command_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("kl_coef: 0.1\n")

@@ -133,9 +133,12 @@ def test_generation_report_of_a_model_against_itself(
 ) -> None:
     model = eos_prone_model(tiny_tokenizer, seed=4)
     prompts = sample_prompts(6, seed=5)
-    report = generation_report(model, model, tiny_tokenizer, prompts,
-                               reward=lambda text: float(len(text)), max_new_tokens=8,
-                               seed=11, batch_size=4)  # fmt: skip
+    report, rows = generation_report(model, model, tiny_tokenizer, prompts,
+                                     reward=lambda text: float(len(text)), max_new_tokens=8,
+                                     seed=11, batch_size=4, rows=3)  # fmt: skip
+    assert [r["prompt"] for r in rows] == list(prompts[:3])
+    assert all(r["policy"] == r["reference"] and r["policy_kl"] == 0.0 for r in rows)
+    assert all(r["policy_reward"] == float(len(r["policy"])) for r in rows)
     assert set(report) == {
         "reference/true_reward",
         "reference/response_tokens",
@@ -169,9 +172,9 @@ def test_generation_report_kl_is_measured_on_policy_samples(
     policy = eos_prone_model(tiny_tokenizer, seed=6)
     reference = eos_prone_model(tiny_tokenizer, seed=7)
     prompts = sample_prompts(5, seed=8)
-    report = generation_report(policy, reference, tiny_tokenizer, prompts,
-                               reward=lambda text: text.count("e") / (1 + len(text)),
-                               max_new_tokens=6, seed=2)  # fmt: skip
+    report, _ = generation_report(policy, reference, tiny_tokenizer, prompts,
+                                  reward=lambda text: text.count("e") / (1 + len(text)),
+                                  max_new_tokens=6, seed=2)  # fmt: skip
     ids = encode_prompts(tiny_tokenizer, prompts)
     common = dict(max_new_tokens=6, eos_token_id=tiny_tokenizer.eos_token_id,
                   pad_token_id=tiny_tokenizer.pad_token_id, seed=2)  # fmt: skip

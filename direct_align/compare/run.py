@@ -7,6 +7,7 @@ directories of every stage under ``OUTPUT_DIR/runs``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -85,6 +86,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     runs, caches = run.path / "runs", run.path / "cache"
     runs.mkdir()
 
+    group = cfg.wandb_group or run.path.name
     rm_result: StageResult | None = None
     rows = []
     for i, method in enumerate(methods, 1):
@@ -94,7 +96,8 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
             if stage == shared_rm:
                 if rm_result is None:
                     cache = run_cache(caches, "reward_model", cache_root / "builtin")
-                    rm_result = run_stage(stage, runs / "reward_model", cache)
+                    tracking = _tracking(cfg, group, "reward-model", {"method": "reward-model"})
+                    rm_result = run_stage(stage, runs / "reward_model", cache, tracking)
                 results.append(rm_result)
                 continue
             extra = ()
@@ -102,7 +105,9 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
                 flag = "--reward-model" if stage.name == "ppo" else "--reward"
                 extra = (flag, str(Path(rm_result.output_dir) / "final"))
             cache = run_cache(caches, method.name, cache_root / "builtin")
-            results.append(run_stage(stage, runs / method.name, cache, extra))
+            tracking = _tracking(cfg, group, method.name, {
+                "method": method.method, "strength": method.strength, "value": method.value})  # fmt: skip
+            results.append(run_stage(stage, runs / method.name, cache, (*extra, *tracking)))
         rows.append(_row(method, results))
         r = rows[-1]
         log.info("compare: %s true reward %.3f, KL %.2f, %.0f s, peak %.0f MB", method.name,
@@ -126,4 +131,40 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
 
     result["plots"] = [str(p) for p in write_plots(rows, result["reward_model"], run.path)]
     run.write_json("comparison.json", result)
+    if cfg.report_to == "wandb":
+        _report(cfg, group, result, run.path)
     return result
+
+
+def _tracking(cfg: CompareConfig, group: str, name: str, keys: dict[str, Any]) -> tuple[str, ...]:
+    """The flags that put one stage's run into the comparison's W&B group, with the keys that
+    W&B's grouping and parallel-coordinates views sort by (none without --report-to wandb)."""
+    if cfg.report_to != "wandb":
+        return ()
+    flags = ["--report-to", "wandb", "--wandb-group", group, "--run-name", name]
+    flags += [f for k, v in keys.items() for f in ("--wandb-config", f"{k}={v}")]  # seed: in each
+    if cfg.wandb_project:
+        flags += ["--wandb-project", cfg.wandb_project]
+    for tag in cfg.wandb_tags:
+        flags += ["--wandb-tags", tag]
+    return tuple(flags)
+
+
+def _report(cfg: CompareConfig, group: str, result: dict[str, Any], output_dir: Path) -> None:
+    """The comparison's own W&B run, in its group: the table and the plots."""
+    from direct_align.engine.tracking import Tracker
+
+    keep = ("run", "method", "strength", "value", "true_reward", "reference_true_reward", "kl",
+            "response_tokens", "total_wall_s", "models_in_memory", "tokens_generated")  # fmt: skip
+    table = [{k: r[k] for k in keep} | {"peak_rss_mb": list(r["peak_rss_mb"].values())[-1]}
+             for r in result["rows"]]  # fmt: skip
+    cfg = dataclasses.replace(cfg, wandb_group=group)  # the summary run joins its runs' group
+    tracker = Tracker(output_dir, cfg, config={"quick": cfg.quick, "seed": cfg.seed,
+                                               "only": cfg.only, "machine": result["machine"]},
+                      name=cfg.run_name or f"{group}-summary", jsonl=False)  # fmt: skip
+    try:
+        tracker.log_table("comparison", table, 0)
+        tracker.log_images({Path(p).stem: Path(p) for p in result["plots"]}, 0)
+        tracker.summary({"runtime_s": result["runtime_s"]})
+    finally:
+        tracker.close()

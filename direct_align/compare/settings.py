@@ -13,7 +13,7 @@ METHODS = ("dpo", "ipo", "orpo", "simpo", "ppo", "online-dpo")
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(s.TrackerSettings):
     """Settings of one comparison (every run's own settings are in its command line)."""
 
     quick: bool = Setting(bool, False, "One strength per method and short runs (a few minutes; "
@@ -35,4 +35,5 @@ class CompareConfig:
 
     def checks(self) -> list[tuple[bool, str]]:
         return [(self.output_dir is not None or not self.plots_only,
-                 "--plots-only needs the --output-dir of a comparison")]  # fmt: skip
+                 "--plots-only needs the --output-dir of a comparison"),
+                *s.tracker_checks(self)]  # fmt: skip

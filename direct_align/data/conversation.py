@@ -52,10 +52,27 @@ def check_messages(value: Any, field: str) -> list[Message]:
             raise RowProblem(f"{where} has an unknown role '{role}' (known: {', '.join(ROLES)})")
         if content is None:
             raise RowProblem(f"{where} has no 'content'")
+        if isinstance(content, list):  # OpenAI-style parts: [{"type": "text", "text": ...}]
+            content = _text_parts(content, where)
         if not isinstance(content, str):
             raise RowProblem(f"{where}: 'content' is a {json_kind(content)}, expected a string")
-        messages.append({key: val for key, val in message.items() if val is not None})
+        messages.append({key: val for key, val in message.items() if val is not None}
+                        | {"content": content})
     return messages
+
+
+def _text_parts(parts: list[Any], where: str) -> str:
+    """The text of a content given as parts (``{"type": "text", "text": ...}``), joined."""
+    texts = []
+    for number, part in enumerate(parts, start=1):
+        if not isinstance(part, dict) or part.get("type", "text") != "text":
+            kind = part.get("type") if isinstance(part, dict) else json_kind(part)
+            raise RowProblem(f"{where}: 'content' part {number} is a {kind} part; only text parts "
+                             "are supported")  # fmt: skip
+        if not isinstance(part.get("text"), str):
+            raise RowProblem(f"{where}: 'content' part {number} has no 'text'")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def split_conversation(

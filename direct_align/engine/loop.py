@@ -16,7 +16,7 @@ import logging
 import math
 import pickle
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,12 +56,20 @@ class Optimization(Protocol):
 # --- optimizer, schedule, engine --------------------------------------------------------------
 
 
-def make_optimizer(params: Iterable[nn.Parameter], cfg: Optimization,
+def make_optimizer(model: nn.Module, cfg: Optimization,
                    total: int) -> tuple[torch.optim.Optimizer, Any]:  # fmt: skip
     """AdamW over the parameters that train (with LoRA: the adapters alone) and the configured
-    warmup-then-decay schedule over ``total`` optimizer steps."""
-    trainable = [p for p in params if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup-then-decay schedule over ``total`` optimizer steps.
+
+    Weight decay applies to weight matrices only: biases and normalisation weights (the
+    one-dimensional parameters) are left undecayed, as transformers' Trainer does, so
+    ``--weight-decay`` means what it means there.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decayed = [p for p in trainable if p.ndim >= 2]
+    groups = [{"params": decayed, "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
     warmup = round(cfg.warmup_ratio * total)
     kwargs = {} if cfg.lr_scheduler == "constant" else {"num_training_steps": total}
     return optimizer, SCHEDULES[cfg.lr_scheduler](optimizer, num_warmup_steps=warmup, **kwargs)

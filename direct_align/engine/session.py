@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,9 @@ import torch
 import yaml
 from accelerate import Accelerator
 
+from direct_align import engine
 from direct_align.config import settings_of, to_dict
+from direct_align.engine.card import model_card, push_to_hub
 from direct_align.engine.distributed import (
     any_across,
     check_process_count,
@@ -39,7 +43,7 @@ from direct_align.engine.distributed import (
     shards,
 )
 from direct_align.engine.outputs import RunDir, read_state, write_atomic, writing
-from direct_align.engine.tracking import NullTracker, Tracker, resident_mb
+from direct_align.engine.tracking import NullTracker, Tracker, package_versions, resident_mb
 from direct_align.errors import ConfigError, Interrupted, NonFinite
 
 log = logging.getLogger(__name__)
@@ -54,7 +58,10 @@ class Session:
 
     def __init__(self, cfg: Any) -> None:
         self.started, self.rss_at_start = time.time(), resident_mb()  # before any model
+        argv = engine.invocation if engine.invocation is not None else sys.argv[1:]
+        self.command = "direct-align " + shlex.join(argv)
         self.cfg = cfg
+        self.inputs: dict[str, Any] = {}
         self.resuming = bool(getattr(cfg, "resume", False))
         self.run = RunDir(cfg.output_dir)
         self.run.check(resume=self.resuming, overwrite=cfg.overwrite)
@@ -117,10 +124,14 @@ class Session:
             self.accelerator.wait_for_everyone()
 
     # -- outputs ----------------------------------------------------------------------------------
-    def open(self, *, checkpoints: bool = True) -> Tracker | NullTracker:
+    def open(self, *, inputs: dict[str, Any] | None = None,
+             checkpoints: bool = True) -> Tracker | NullTracker:  # fmt: skip
         """Create (or with --overwrite empty) the output directory, write ``config.yaml`` and
-        open the tracker (on --resume continuing at the checkpoint's step). The main process
-        alone writes; the others get a :class:`NullTracker`."""
+        open the tracker (on --resume continuing at the checkpoint's step), whose config holds
+        the settings, ``inputs`` (what identifies the model, data and reference cache) and the
+        package versions. The main process alone writes; the others get a
+        :class:`NullTracker`."""
+        self.inputs = {**(inputs or {}), "versions": package_versions()}
         self.barrier()
         if self.main:
             with writing(self.run.path):
@@ -133,10 +144,9 @@ class Session:
             resume_step = None  # a new run: keep nothing of an old metrics.jsonl (--overwrite)
             if self.resuming:  # keep the records up to the checkpoint's step (none without one)
                 resume_step = read_state(checkpoint)["step"] if checkpoint is not None else -1
-            self.tracker = Tracker(self.run.path, report_to=self.cfg.report_to,
-                                   project=self.cfg.wandb_project,
-                                   run_name=self.cfg.run_name or self.run.path.name,
-                                   config=to_dict(self.cfg), resume_step=resume_step)  # fmt: skip
+            self.tracker = Tracker(self.run.path, self.cfg, resume_step=resume_step,
+                                   name=self.cfg.run_name or self.run.path.name,
+                                   config={**to_dict(self.cfg), "inputs": self.inputs})  # fmt: skip
         self.opened = True
         self.barrier()
         return self.tracker
@@ -257,11 +267,27 @@ class Session:
             return None
         summary = {**summary, "processes": self.accelerator.num_processes,
                    "rss_at_start_mb": self.rss_at_start,
-                   "runtime_s": round(time.time() - self.started, 1)}  # fmt: skip
-        self.tracker.summary(tracked if tracked is not None else summary)
+                   "runtime_s": round(time.time() - self.started, 1), "inputs": self.inputs}  # fmt: skip
+        self.tracker.summary({**(tracked if tracked is not None else summary),
+                              "runtime_s": summary["runtime_s"]})  # fmt: skip
         self.run.write_json("summary.json", summary)
+        if self.run.final.is_dir():
+            self._carry_out(summary)
         self.note_late_signal()
         return summary
+
+    def _carry_out(self, summary: dict[str, Any]) -> None:
+        """final/'s model card; then, when asked, final/ to W&B and to the Hub."""
+        card = model_card(title=self.cfg.run_name or self.run.path.name, command=self.command,
+                          summary=summary, inputs=self.inputs, settings=to_dict(self.cfg),
+                          wandb_url=self.tracker.url)  # fmt: skip
+        with writing(self.run.final / "README.md"):
+            write_atomic(self.run.final / "README.md", card)
+        if getattr(self.cfg, "wandb_log_model", False):
+            self.tracker.log_model(self.run.final, f"model-{self.cfg.run_name or self.run.path.name}")
+        if getattr(self.cfg, "push_to_hub", None):
+            url = push_to_hub(self.cfg.push_to_hub, self.run.final)
+            log.info("pushed %s to %s", self.run.final, url)
 
 
 def free_memory() -> None:

@@ -22,50 +22,103 @@ from direct_align.errors import ConfigError
 
 
 class Tracker:
-    """Writes each logged step to ``metrics.jsonl`` and, when asked, to W&B.
+    """Writes each logged step to ``metrics.jsonl`` and, with ``--report-to wandb``, to W&B.
 
     On resume, records past the checkpoint's step are dropped so that the file reads as one run,
     and so is a line a crash left half-written. A record is written whole or not at all: on a
-    full disk the file is cut back to its last whole record. wandb is imported only when
-    ``report_to == "wandb"``; offline mode (``WANDB_MODE=offline``) works without an account.
+    full disk the file is cut back to its last whole record. Tables of sample generations also
+    go to ``generations.jsonl``.
+
+    W&B: the run is named ``run_name`` (the output directory's name by default), in the project
+    of ``--wandb-project``, else ``$WANDB_PROJECT``, else ``direct-align``; group, tags and notes
+    come from their flags or the usual ``WANDB_*`` variables. ``--resume`` continues the same W&B
+    run when nothing was logged past the checkpoint; otherwise (a kill after the checkpoint) the
+    history, which W&B cannot rewind, continues in a new run named ``NAME-resumed-STEP`` whose
+    config (``resumed_from``) names the first. wandb is imported only when
+    used; offline mode (``WANDB_MODE=offline``) works without an account.
     """
 
-    def __init__(self, output_dir: Path, *, report_to: str, project: str, run_name: str,
-                 config: dict[str, Any], resume_step: int | None = None) -> None:  # fmt: skip
-        self.path = output_dir / "metrics.jsonl"
+    def __init__(self, output_dir: Path, cfg: Any, *, config: dict[str, Any],
+                 resume_step: int | None = None, name: str | None = None,
+                 jsonl: bool = True) -> None:  # fmt: skip
+        self.output_dir = output_dir
+        self.path = output_dir / "metrics.jsonl" if jsonl else Path(os.devnull)
+        logged_past = False
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text(errors="replace").splitlines()
-                    if (record := _record(line)) is not None and record.get("step", 0) <= resume_step]  # fmt: skip
+            records = [(line, _record(line)) for line in self.path.read_text(errors="replace").splitlines()]
+            kept = [line for line, r in records if r is not None and r.get("step", 0) <= resume_step]
+            logged_past = any(r is not None and r.get("step", 0) > resume_step for _, r in records)
             with writing(self.path, " (free space, then --resume)"):
                 write_atomic(self.path, "".join(line + "\n" for line in kept))
         self._file = self.path.open("ab", buffering=0)
         self._wandb = None
-        if report_to == "wandb":
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("--report-to wandb: wandb is not installed "
-                                  "(pip install wandb)") from None  # fmt: skip
-            id_file = output_dir / "wandb_run_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-            id_file.write_text(run_id)
-            self._wandb = wandb.init(project=project, name=run_name, id=run_id, resume="allow",
-                                     config=config, dir=str(output_dir))  # fmt: skip
+        if cfg.report_to == "wandb":
+            self._wandb = _start_wandb(output_dir, cfg, config, name=name or output_dir.name,
+                                       resume_step=resume_step, logged_past=logged_past,
+                                       persist=jsonl)  # fmt: skip
+
+    @property
+    def url(self) -> str | None:
+        """The W&B run's page (None offline or without W&B)."""
+        return getattr(self._wandb, "url", None) if self._wandb is not None else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        line = (json.dumps(record) + "\n").encode()
-        end = self._file.tell()
-        try:
-            with writing(self.path, " (free space, then --resume)"):
-                while line:
-                    line = line[self._file.write(line):]
-        except BaseException:
-            with contextlib.suppress(OSError):  # no half record left behind
-                os.ftruncate(self._file.fileno(), end)
-            raise
+        self._append(self.path, record)
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+
+    def _append(self, path: Path, record: dict[str, Any]) -> None:
+        line = (json.dumps(record) + "\n").encode()
+        f = self._file if path == self.path else path.open("ab", buffering=0)
+        end = f.tell()
+        try:
+            with writing(path, " (free space, then --resume)"):
+                while line:
+                    line = line[f.write(line):]
+        except BaseException:
+            with contextlib.suppress(OSError):  # no half record left behind
+                os.ftruncate(f.fileno(), end)
+            raise
+        finally:
+            if f is not self._file:
+                f.close()
+
+    def log_table(self, key: str, rows: Sequence[dict[str, Any]], step: int) -> None:
+        """Rows of one table at ``step``: a ``wandb.Table`` under ``key``, and the rows (with
+        ``key`` and ``step``) appended to ``generations.jsonl``."""
+        if not rows:
+            return
+        if self.path != Path(os.devnull):
+            for row in rows:
+                self._append(self.output_dir / "generations.jsonl", {"key": key, "step": step, **row})
+        if self._wandb is not None:
+            import wandb
+
+            columns = list(rows[0])
+            table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+            self._wandb.log({key: table}, step=step)
+
+    def log_images(self, images: dict[str, Path], step: int | None = None) -> None:
+        """Image files (plots) to W&B, each under its key."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({key: wandb.Image(str(path)) for key, path in images.items()}, step=step)
+
+    def update_config(self, values: dict[str, Any]) -> None:
+        """More of the run's config, e.g. what identifies its inputs once they are loaded."""
+        if self._wandb is not None:
+            self._wandb.config.update(values, allow_val_change=True)
+
+    def log_model(self, directory: Path, name: str) -> None:
+        """``directory`` (final/) as a W&B model artifact."""
+        if self._wandb is not None:
+            import wandb
+
+            artifact = wandb.Artifact(name=_artifact_name(name), type="model")
+            artifact.add_dir(str(directory))
+            self._wandb.log_artifact(artifact)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self._wandb is not None:
@@ -80,10 +133,67 @@ class Tracker:
             self._wandb = None
 
 
+def _start_wandb(output_dir: Path, cfg: Any, config: dict[str, Any], *, name: str,
+                 resume_step: int | None, logged_past: bool, persist: bool) -> Any:  # fmt: skip
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--report-to wandb: wandb is not installed (pip install wandb)") from None
+    id_file = output_dir / "wandb_run_id"  # a run directory's: --resume continues its W&B run
+    run_id = id_file.read_text().strip() if persist and id_file.exists() else uuid.uuid4().hex[:12]
+    extra = {k: _scalar(v) for k, v in (item.split("=", 1) for item in cfg.wandb_config)}
+    config = {**config, **extra}
+    if logged_past:  # W&B cannot take its history back to the checkpoint: a new run goes on
+        import logging
+
+        previous, run_id = run_id, uuid.uuid4().hex[:12]
+        config["resumed_from"] = {"wandb_run": previous, "step": resume_step}
+        name = f"{name}-resumed-{resume_step}"
+        logging.getLogger(__name__).warning(
+            "W&B cannot rewind run %s to step %d, where this run resumes: its history goes on in "
+            "W&B run %s (%s; its config's resumed_from names the first)", previous, resume_step,
+            run_id, name)  # fmt: skip
+    if persist:
+        id_file.write_text(run_id)
+    return wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "direct-align",
+                      name=name, id=run_id, resume="allow", config=config, dir=str(output_dir),
+                      group=cfg.wandb_group,
+                      tags=cfg.wandb_tags or None, notes=cfg.wandb_notes)  # fmt: skip
+
+
+def _scalar(text: str) -> Any:
+    """A --wandb-config value as a number when it is one (so W&B can sort and plot it)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _artifact_name(name: str) -> str:
+    """W&B artifact names take letters, digits, dashes, underscores and dots."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
 class NullTracker:
     """The tracker of the processes that are not the main one: it records nothing."""
 
+    url = None
+
     def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_table(self, key: str, rows: Sequence[dict[str, Any]], step: int) -> None:
+        pass
+
+    def log_images(self, images: dict[str, Path], step: int | None = None) -> None:
+        pass
+
+    def update_config(self, values: dict[str, Any]) -> None:
+        pass
+
+    def log_model(self, directory: Path, name: str) -> None:
         pass
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -91,6 +201,18 @@ class NullTracker:
 
     def close(self) -> None:
         pass
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of the packages a run's numbers depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("direct-align", "torch", "transformers", "accelerate", "datasets", "peft",
+                 "wandb", "flash-attn"):  # fmt: skip
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
 
 
 def _record(line: str) -> dict[str, Any] | None:

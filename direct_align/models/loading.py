@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -89,15 +90,46 @@ def preference_model(model: PreTrainedModel, cfg: Any, *, bf16: bool,
 
 def load_policy(model_path: str, cfg: Any, *, bf16: bool, device: torch.device) -> PreferenceModel:
     """The policy to train: the model at ``model_path``, with LoRA adapters when ``cfg.lora_r``
-    is set, wrapped by :func:`preference_model`, with gradient checkpointing when asked."""
+    is set, its dropout off (``cfg.disable_dropout``), wrapped by :func:`preference_model`, with
+    gradient checkpointing when asked."""
     model = load_causal_lm(model_path)
     if cfg.lora_r is not None:
         model = apply_lora(model, cfg)
         log.info("LoRA r=%d alpha=%g on %s: %s", cfg.lora_r, cfg.lora_alpha,
                  cfg.lora_targets or ALL_LINEAR, trainable_summary(model))  # fmt: skip
+    if cfg.disable_dropout:
+        disable_dropout(model)
     policy = preference_model(model, cfg, bf16=bf16, device=device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if cfg.lora_r is not None:  # frozen embeddings: recomputed blocks need an input that
             model.enable_input_require_grads()  # requires grad to pass gradients to adapters
     return policy
+
+
+def describe_model(model: Any, path: str) -> dict[str, Any]:
+    """What identifies a model in a run's config: where it came from, its architecture, its
+    size in parameters (all, and those that train) and their dtype."""
+    inner = model.model if isinstance(model, PreferenceModel) else model
+    params = list(inner.parameters())
+    architectures = getattr(inner.config, "architectures", None) or [type(inner).__name__]
+    return {"path": path, "architecture": architectures[0],
+            "model_type": getattr(inner.config, "model_type", None),
+            "parameters": sum(p.numel() for p in params),
+            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+            "dtype": str(params[0].dtype).removeprefix("torch.") if params else None}  # fmt: skip
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout of ``model`` off, as TRL does by default: ``nn.Dropout`` modules, the
+    dropout rates attention layers keep as attributes, and the config's rates."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout", "dropout_p"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for name, value in (vars(config).items() if config is not None else ()):
+        if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
+            setattr(config, name, 0.0)

@@ -153,7 +153,7 @@ def fit_ppo(
     """
     accelerator, tracker, device = session.accelerator, session.tracker, session.accelerator.device
     minibatches = -(-cfg.rollout_batch_size // cfg.mini_batch_size)
-    optimizer, scheduler = make_optimizer(actor_critic.parameters(), cfg,
+    optimizer, scheduler = make_optimizer(actor_critic, cfg,
                                           cfg.rollouts * cfg.ppo_epochs * minibatches)  # fmt: skip
     actor_critic, optimizer, load_kwargs = prepare(
         actor_critic, optimizer, scheduler, accelerator=accelerator,

@@ -25,7 +25,12 @@ from direct_align.engine.outputs import RunDir
 from direct_align.engine.session import Session
 from direct_align.engine.tracking import read_metrics
 from direct_align.errors import ConfigError
-from direct_align.models.loading import load_causal_lm, load_tokenizer
+from direct_align.models.loading import (
+    describe_model,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+)
 from direct_align.ppo.loop import Evaluator, fit_ppo
 from direct_align.ppo.models import ActorCritic
 from direct_align.ppo.settings import PPOConfig, check_processes
@@ -85,7 +90,10 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
             rm_cfg = builtin_rm_config(cfg, rm_dir, accelerator.num_processes)
 
         # 2. outputs: only now is the output directory created or (with --overwrite) emptied
-        session.open()
+        session.open(inputs={
+            "model": describe_model(policy, inputs.model_path),
+            "data": {"source": inputs.source, "prompt_rows": len(prompts)},
+            "reward_model": cfg.reward_model or str(rm_dir / "final"), "critic": cfg.critic})  # fmt: skip
         stages: dict[str, float] = {}
         rm_path = cfg.reward_model
         if builtin_rm:  # the RM stage of the pipeline, in as many processes
@@ -106,6 +114,9 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
         device = accelerator.device
         set_seed(cfg.seed, device_specific=True)  # each process samples its own stream
         critic = load_reward_model(rm_path, tokenizer) if cfg.critic == "separate" else None
+        if cfg.disable_dropout:
+            for model in (policy, critic) if critic is not None else (policy,):
+                disable_dropout(model)
         actor_critic = ActorCritic(policy, critic)
         reference = _frozen(load_causal_lm(inputs.model_path), device)
         reward_model = _frozen(reward_model, device)
@@ -116,11 +127,12 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
         evaluate: Evaluator | None = None
         if session.main and inputs.assets is not None and cfg.dataset is None:
             def evaluate(rollout: int) -> dict[str, float]:  # the built-in task's hidden reward
-                report = hidden_reward_report(actor_critic.policy, reference, tokenizer,
-                                              inputs.assets, prompts=cfg.eval_prompts,
-                                              seed=cfg.seed)  # fmt: skip
+                report, rows = hidden_reward_report(actor_critic.policy, reference, tokenizer,
+                                                    inputs.assets, prompts=cfg.eval_prompts,
+                                                    seed=cfg.seed, rows=cfg.log_generations)  # fmt: skip
                 log.info("rollout %d: true reward %.3f, KL %.2f", rollout,
                          report["policy/true_reward"], report["policy/kl"])  # fmt: skip
+                session.tracker.log_table("eval/generations", rows, rollout)
                 return {f"eval/{k}": v for k, v in report.items()}
 
         state, prepared, finished = fit_ppo(actor_critic, reference, reward_model, prompts,
@@ -148,5 +160,6 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
             evals = [r for r in read_metrics(session.run.path) if "eval/policy/true_reward" in r]
             summary["builtin"] = {k[len("eval/"):]: v for k, v in evals[-1].items() if k != "step"}
             summary["builtin"]["initial/true_reward"] = evals[0]["eval/policy/true_reward"]
-        return session.finish(summary, {k: v for k, v in summary.items()
-                                        if isinstance(v, int | float)})  # fmt: skip
+        return session.finish(summary, {**{k: v for k, v in summary.items()
+                                           if isinstance(v, int | float)},
+                                        **summary.get("builtin", {})})  # fmt: skip

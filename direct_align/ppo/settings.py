@@ -33,6 +33,7 @@ class PPOConfig(s.OptimSettings, s.RunSettings):
     critic: str = Setting(str, "separate", "Value function: a separate critic initialised from "
                                            "the reward model, or a value head on the policy's "
                                            "trunk.", CRITICS).field()  # fmt: skip
+    disable_dropout: bool = s.DISABLE_DROPOUT.field()
     # --- rollouts ----------------------------------------------------------------------------
     dataset: str | None = s.DATASET.field(help="Prompts: any data with a text `prompt` column, "
                                                "e.g. preference data (default: built-in).")  # fmt: skip
@@ -98,6 +99,7 @@ class PPOConfig(s.OptimSettings, s.RunSettings):
     eval_prompts: int = s.EVAL_PROMPTS.field()
 
     # The built-in task's recipe (~2M-parameter policy); under YAML and flags.
+    foreign_names: ClassVar[dict[str, str]] = s.TRL_NAMES
     builtin_preset: ClassVar[dict[str, Any]] = {"learning_rate": 1e-4, "rollouts": 40,
                                                 "save_every": 0}
 

@@ -16,6 +16,9 @@ from direct_align.losses import preference_loss
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.preference.reference import ReferenceLogps
 
+# (the policy's causal LM, step) → eval/* metrics of its samples, logging a table of them
+Probe = Callable[[Any, int], dict[str, float]]
+
 
 @torch.no_grad()
 def evaluate_pairs(

@@ -24,10 +24,12 @@ import torch
 from accelerate import Accelerator
 
 from direct_align.builtin.inputs import resolve_inputs
+from direct_align.config import to_dict
 from direct_align.data import PairDataset, load_source
 from direct_align.data.prompts import load_prompts
 from direct_align.engine.distributed import make_accelerator, quiet_unless_main
 from direct_align.engine.outputs import write_atomic
+from direct_align.engine.tracking import Tracker
 from direct_align.errors import ConfigError, DataError
 from direct_align.generation import sample_and_judge
 from direct_align.losses import LOSSES
@@ -84,8 +86,11 @@ def run_label(cfg: LabelConfig) -> dict[str, Any] | None:
     if not accelerator.is_main_process:
         return None
     _write_jsonl(cfg.output, rows)
-    return {"prompts": len(prompts), "judge_calls": len(responses), "pairs": len(rows),
-            "output": cfg.output, **metrics}  # fmt: skip
+    result = {"prompts": len(prompts), "judge_calls": len(responses), "pairs": len(rows),
+              "output": cfg.output, **metrics}  # fmt: skip
+    report(cfg, result, "pairs", rows, {"model": model_path, "prompts": source,
+                                        "judges": {j.name: j.weight for j in rewards.judges}})  # fmt: skip
+    return result
 
 
 def read_candidates(source: str, split: str | None) -> list[dict]:
@@ -167,6 +172,27 @@ def run_select(cfg: SelectConfig) -> dict[str, Any] | None:
     order = torch.argsort(margins.abs(), stable=True).tolist()[: cfg.top]
     ranked = [{**rows[kept[j]], "margin": margins[j].item(), "rank": n} for n, j in enumerate(order)]
     _write_jsonl(cfg.output, ranked)
-    return {"candidates": len(rows), "identical": len(rows) - len(kept), "written": len(ranked),
-            "output": cfg.output, "mean_abs_margin": margins.abs().mean().item(),
-            "selected_mean_abs_margin": margins[order].abs().mean().item() if order else 0.0}  # fmt: skip
+    result = {"candidates": len(rows), "identical": len(rows) - len(kept), "written": len(ranked),
+              "output": cfg.output, "mean_abs_margin": margins.abs().mean().item(),
+              "selected_mean_abs_margin": margins[order].abs().mean().item() if order else 0.0}  # fmt: skip
+    report(cfg, result, "ranked", ranked, {"model": model_path, "reference": ref_path,
+                                           "candidates": source})  # fmt: skip
+    return result
+
+
+def report(cfg: Any, result: dict[str, Any], key: str, rows: list[dict[str, Any]],
+           inputs: dict[str, Any]) -> None:
+    """With ``--report-to wandb``: a W&B run (beside the output file) with the settings and
+    inputs as config, the counts and means, and a table of the first rows written."""
+    if cfg.report_to != "wandb":
+        return
+    out = Path(cfg.output)
+    tracker = Tracker(out.parent, cfg, config={**to_dict(cfg), "inputs": inputs},
+                      name=cfg.run_name or out.stem, jsonl=False)  # fmt: skip
+    try:
+        tracker.log({k: v for k, v in result.items() if isinstance(v, int | float)}, 0)
+        tracker.log_table(key, [{k: v for k, v in row.items() if isinstance(v, str | int | float)}
+                                for row in rows[:16]], 0)  # fmt: skip
+        tracker.summary(result)
+    finally:
+        tracker.close()

@@ -32,7 +32,7 @@ def output_checks(cfg: Any) -> list[tuple[bool, str]]:
 
 
 @dataclass
-class LabelConfig:
+class LabelConfig(s.TrackerSettings):
     """Settings of `direct-align label`."""
 
     output: str | None = OUTPUT.field()
@@ -64,11 +64,11 @@ class LabelConfig:
         pass
 
     def checks(self) -> list[tuple[bool, str]]:
-        return output_checks(self)
+        return [*output_checks(self), *s.tracker_checks(self)]
 
 
 @dataclass
-class SelectConfig:
+class SelectConfig(s.TrackerSettings):
     """Settings of `direct-align select`."""
 
     output: str | None = OUTPUT.field()
@@ -97,4 +97,4 @@ class SelectConfig:
             self.beta = LOSSES[self.loss].default_beta
 
     def checks(self) -> list[tuple[bool, str]]:
-        return output_checks(self)
+        return [*output_checks(self), *s.tracker_checks(self)]

@@ -32,7 +32,7 @@ from direct_align.engine.loop import (
 from direct_align.engine.session import Session
 from direct_align.losses import preference_loss
 from direct_align.models.logprobs import PreferenceModel
-from direct_align.preference.evaluate import eval_metrics
+from direct_align.preference.evaluate import Probe, eval_metrics
 from direct_align.preference.reference import ReferenceLogps
 from direct_align.preference.settings import TrainConfig, loss_kwargs
 
@@ -74,11 +74,12 @@ def train_step(model: Any, data: PairDataset, group: list[list[int]], ref: Refer
 
 
 def fit(policy: PreferenceModel, train: PairDataset, evals: PairDataset, refs: References, *,
-        cfg: TrainConfig, session: Session,
-        pad_token_id: int) -> tuple[EpochState, dict[str, float], Any, bool]:  # fmt: skip
+        cfg: TrainConfig, session: Session, pad_token_id: int,
+        probe: Probe | None = None) -> tuple[EpochState, dict[str, float], Any, bool]:  # fmt: skip
     """Train until the last step, or until ``--max-steps-per-run`` steps in this invocation.
 
-    Returns (state, the last eval metrics, the prepared policy, finished). Raises
+    ``probe``: what evaluations during training add (samples of the policy, scored), in the
+    main process. Returns (state, the last eval metrics, the prepared policy, finished). Raises
     :class:`~direct_align.errors.Interrupted` after saving a checkpoint on SIGTERM/SIGINT, and
     DirectAlignError on a non-finite loss, before it reaches the weights.
     """
@@ -86,7 +87,7 @@ def fit(policy: PreferenceModel, train: PairDataset, evals: PairDataset, refs: R
     batcher = Batcher(train, batch_size=cfg.batch_size, seed=cfg.seed, layout=cfg.layout,
                       max_tokens=cfg.max_tokens_per_batch)  # fmt: skip
     total = batcher.total_steps(cfg.epochs, cfg.grad_accum, cfg.max_steps)
-    optimizer, scheduler = make_optimizer(policy.parameters(), cfg, total)
+    optimizer, scheduler = make_optimizer(policy, cfg, total)
     model, optimizer, load_kwargs = prepare(policy, optimizer, scheduler, accelerator=accelerator,
                                             micro_batch_size=cfg.batch_size,
                                             max_grad_norm=cfg.max_grad_norm)  # fmt: skip
@@ -104,6 +105,8 @@ def fit(policy: PreferenceModel, train: PairDataset, evals: PairDataset, refs: R
         loop.check_eval(metrics["eval/loss"])
         if loop.finished:  # the final evaluation: a stop signal now leaves a checkpoint first
             loop.stop_if_requested(f"at step {state.step}, during the final evaluation")
+        elif probe is not None and state.step > 0 and session.main:
+            metrics |= probe(accelerator.unwrap_model(model).model, state.step)
         tracker.log(metrics, state.step)
         return metrics
 

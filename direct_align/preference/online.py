@@ -41,7 +41,7 @@ from direct_align.engine.session import Session
 from direct_align.generation import sample_and_judge
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import AdaptersOff
-from direct_align.preference.evaluate import eval_metrics
+from direct_align.preference.evaluate import Probe, eval_metrics
 from direct_align.preference.offline import train_step
 from direct_align.preference.reference import ReferenceLogps, score_shared
 from direct_align.preference.settings import TrainConfig
@@ -135,6 +135,7 @@ def fit_online(
     tokenizer: Any,
     cfg: TrainConfig,
     session: Session,
+    probe: Probe | None = None,
 ) -> tuple[OnlineState, dict[str, float], Any, bool]:
     """Train for ``cfg.rounds`` rounds (see the module docstring), or until
     ``--max-steps-per-run`` steps in this invocation (at a round's end). Returns (state, the
@@ -148,7 +149,7 @@ def fit_online(
     accelerator, tracker, device = session.accelerator, session.tracker, session.accelerator.device
     pad = tokenizer.pad_token_id
     total = cfg.rounds * steps_per_round(cfg)
-    optimizer, scheduler = make_optimizer(policy.parameters(), cfg, total)
+    optimizer, scheduler = make_optimizer(policy, cfg, total)
     model, optimizer, load_kwargs = prepare(policy, optimizer, scheduler, accelerator=accelerator,
                                             micro_batch_size=cfg.batch_size,
                                             max_grad_norm=cfg.max_grad_norm)  # fmt: skip
@@ -169,6 +170,8 @@ def fit_online(
         loop.check_eval(metrics["eval/loss"])
         if loop.finished:  # the final evaluation: a stop signal now leaves a checkpoint first
             loop.stop_if_requested(f"at step {state.step}, during the final evaluation")
+        elif probe is not None and state.step > 0 and session.main:
+            metrics |= probe(accelerator.unwrap_model(model).model, state.step)
         tracker.log(metrics, state.step)
         return metrics
 
@@ -198,6 +201,9 @@ def fit_online(
                                       max_prompt_length=cfg.max_prompt_length,
                                       bos_id=tokenizer.bos_token_id)  # fmt: skip
             state.pairs += len(data)
+            tracker.log_table("online/pairs", _pair_rows(texts, responses, scores, k, triples,
+                                                         tokenizer, cfg.log_generations),
+                              state.step)  # fmt: skip
             ref = None
             if reference is not None and len(data):
                 ref = score_shared(reference, data, batch_size=eval_batch, layout=cfg.layout,
@@ -238,6 +244,17 @@ def fit_online(
     final = evaluate() or eval_now
     loop.stop_if_requested(f"after round {state.round}")
     return state, final, model, True
+
+
+def _pair_rows(texts: list[str], responses: list[list[int]], scores: torch.Tensor, k: int,
+               triples: list[tuple[int, int, int]], tokenizer: Any, n: int) -> list[dict[str, Any]]:  # fmt: skip
+    """The first ``n`` of a round's pairs, as text with their judged rewards."""
+    def text(p: int, i: int) -> str:
+        return tokenizer.decode(responses[p * k + i], skip_special_tokens=True)
+
+    return [{"prompt": texts[p], "chosen": text(p, c), "rejected": text(p, r),
+             "chosen_reward": scores[p * k + c].item(), "rejected_reward": scores[p * k + r].item()}
+            for p, c, r in triples[:n]]  # fmt: skip
 
 
 def _judge_failed(error: JudgeError, loop: Loop[OnlineState]) -> JudgeError:

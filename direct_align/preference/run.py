@@ -25,6 +25,7 @@ from direct_align.engine.session import Session, free_memory
 from direct_align.engine.tracking import first_eval
 from direct_align.errors import ConfigError
 from direct_align.models.loading import (
+    describe_model,
     load_causal_lm,
     load_policy,
     load_tokenizer,
@@ -32,6 +33,7 @@ from direct_align.models.loading import (
 )
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import AdaptersOff, adapters_disabled
+from direct_align.preference.evaluate import Probe
 from direct_align.preference.offline import fit
 from direct_align.preference.online import fit_online
 from direct_align.preference.reference import (
@@ -71,6 +73,15 @@ def _eval_pairs(cfg: TrainConfig, inputs: Inputs, tokenizer: Any) -> PairDataset
     return None
 
 
+def _eval_source(cfg: TrainConfig, inputs: Inputs) -> str:
+    """Where the held-out pairs come from (for the run's config)."""
+    if cfg.eval_dataset:
+        return cfg.eval_dataset
+    if cfg.dataset is None:
+        return str(inputs.assets.eval_file)
+    return f"{inputs.source} (a held-out {cfg.eval_fraction:g} of it)"
+
+
 def _scorer(cfg: TrainConfig, inputs: Inputs, tokenizer: Any, session: Session,
             splits: dict[str, PairDataset]) -> Callable[..., Any]:  # fmt: skip
     """:func:`cached_reference_logps` of ``splits``, waiting for a reference model."""
@@ -92,10 +103,30 @@ def _conclude(session: Session, prepared: Any, tokenizer: Any, inputs: Inputs, c
         return None
     if cfg.dataset is None:  # the hidden reward and KL of the policy's samples
         model = model if model is not None else session.load_final()  # sharded: read it back
-        summary["builtin"] = hidden_reward_report(model, inputs.model_path, tokenizer,
-                                                  inputs.assets, prompts=cfg.eval_prompts,
-                                                  seed=cfg.seed)  # fmt: skip
+        report, rows = hidden_reward_report(model, inputs.model_path, tokenizer, inputs.assets,
+                                            prompts=cfg.eval_prompts, seed=cfg.seed,
+                                            rows=cfg.log_generations)  # fmt: skip
+        summary["builtin"] = report
+        session.tracker.log({f"eval/{k}": v for k, v in report.items()}, summary["steps"])
+        session.tracker.log_table("eval/generations", rows, summary["steps"])
     return session.finish(summary, {**tracked, **summary.get("builtin", {})})
+
+
+def _probe(session: Session, inputs: Inputs, tokenizer: Any, cfg: TrainConfig) -> Probe | None:
+    """On the built-in task, what an evaluation during training adds: the hidden reward and KL
+    of the policy's samples, and a table of them (the reference is loaded for it). None where
+    it cannot be computed: own data (no hidden reward), or a policy sharded by FSDP."""
+    if cfg.dataset is not None or session.sharded:
+        return None
+
+    def probe(lm: Any, step: int) -> dict[str, float]:
+        report, rows = hidden_reward_report(lm, inputs.model_path, tokenizer, inputs.assets,
+                                            prompts=cfg.eval_prompts, seed=cfg.seed,
+                                            rows=cfg.log_generations)  # fmt: skip
+        session.tracker.log_table("eval/generations", rows, step)
+        return {f"eval/{k}": v for k, v in report.items()}
+
+    return probe
 
 
 def _start(cfg: TrainConfig, session: Session) -> None:
@@ -141,10 +172,15 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
             free_memory()
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
-    session.open()
+    session.open(inputs={
+        "model": describe_model(policy, inputs.model_path),
+        "data": {"source": inputs.source, "eval_source": _eval_source(cfg, inputs),
+                 "train_rows": len(train), "eval_rows": len(evals)},
+        "reference": {"model": cfg.ref_model or inputs.model_path, "cache": ref_status}})  # fmt: skip
     state, eval_metrics, prepared, finished = fit(policy, train, evals, refs, cfg=cfg,
                                                   session=session,
-                                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                                                  pad_token_id=tokenizer.pad_token_id,
+                                                  probe=_probe(session, inputs, tokenizer, cfg))  # fmt: skip
     if not finished:
         return None
     summary: dict[str, Any] = {
@@ -204,10 +240,15 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
             ref_eval = score(reference)[0]["eval"]
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
-    session.open()
-    state, eval_metrics, prepared, finished = fit_online(policy, reference, prompts, rewards,
-                                                         evals, ref_eval, tokenizer=tokenizer,
-                                                         cfg=cfg, session=session)  # fmt: skip
+    session.open(inputs={
+        "model": describe_model(policy, inputs.model_path),
+        "data": {"source": inputs.source, "prompt_rows": len(prompts),
+                 "eval_rows": len(evals) if evals is not None else 0},
+        "judges": {j.name: j.weight for j in rewards.judges},
+        "reference": {"model": cfg.ref_model or inputs.model_path}})  # fmt: skip
+    state, eval_metrics, prepared, finished = fit_online(
+        policy, reference, prompts, rewards, evals, ref_eval, tokenizer=tokenizer, cfg=cfg,
+        session=session, probe=_probe(session, inputs, tokenizer, cfg))  # fmt: skip
     if not finished:
         return None
     summary: dict[str, Any] = {

@@ -81,6 +81,7 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
                                                           "--batch-size pairs.",
                                                rule=at_least(1)).field()  # fmt: skip
     gradient_checkpointing: bool = s.GRADIENT_CHECKPOINTING.field()
+    disable_dropout: bool = s.DISABLE_DROPOUT.field()
     # --- LoRA (peft; see docs/lora.md) ---------------------------------------------------------
     lora_r: int | None = Setting(int, None, "Train LoRA adapters of this rank instead of every "
                                             "weight; the reference is then the base model "
@@ -120,6 +121,7 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
     eval_prompts: int = s.EVAL_PROMPTS.field()
 
     # The built-in task's tuned recipe (see docs/builtin.md); under YAML and flags.
+    foreign_names: ClassVar[dict[str, str]] = s.TRL_NAMES
     builtin_preset: ClassVar[dict[str, Any]] = {
         "learning_rate": 1e-4,
         "batch_size": 32,

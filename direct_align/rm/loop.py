@@ -46,7 +46,7 @@ def fit_rm(model: PreTrainedModel, train: PairDataset, evals: PairDataset, *, cf
     accelerator, tracker, device = session.accelerator, session.tracker, session.accelerator.device
     batcher = Batcher(train, batch_size=cfg.batch_size, seed=cfg.seed, layout="padded")
     total = batcher.total_steps(cfg.epochs, cfg.grad_accum, cfg.max_steps)
-    optimizer, scheduler = make_optimizer(model.parameters(), cfg, total)
+    optimizer, scheduler = make_optimizer(model, cfg, total)
     model, optimizer, load_kwargs = prepare(model, optimizer, scheduler, accelerator=accelerator,
                                             micro_batch_size=cfg.batch_size,
                                             max_grad_norm=cfg.max_grad_norm)  # fmt: skip

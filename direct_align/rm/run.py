@@ -18,7 +18,7 @@ from direct_align.builtin.inputs import resolve_inputs
 from direct_align.builtin.task import true_reward
 from direct_align.data import PairDataset, prepare_pairs, split_holdout
 from direct_align.engine.session import Session
-from direct_align.models.loading import load_tokenizer
+from direct_align.models.loading import describe_model, disable_dropout, load_tokenizer
 from direct_align.rm.evaluate import RewardEval, pearson, spearman
 from direct_align.rm.loop import fit_rm
 from direct_align.rm.model import load_reward_model
@@ -60,11 +60,15 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, Any] | None:
                       unsharded="direct-align train-rm")  # fmt: skip
         set_seed(cfg.seed)
         model = load_reward_model(inputs.model_path, tokenizer)
+        if cfg.disable_dropout:
+            disable_dropout(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
 
         # 3. outputs: only now is the output directory created or (with --overwrite) emptied
-        session.open()
+        session.open(inputs={"model": describe_model(model, inputs.model_path),
+                             "data": {"source": inputs.source, "train_rows": len(train),
+                                      "eval_rows": len(evals)}})  # fmt: skip
         state, initial, final, prepared = fit_rm(model, train, evals, cfg=cfg, session=session,
                                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
         if final is None:  # stopped by --max-steps-per-run

@@ -28,6 +28,7 @@ class RewardConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSe
     model: str | None = s.MODEL.field(help="Trunk: a HF causal LM directory or hub name; a fresh "
                                            "scalar head goes on top (default: built-in).")  # fmt: skip
     gradient_checkpointing: bool = s.GRADIENT_CHECKPOINTING.field()
+    disable_dropout: bool = s.DISABLE_DROPOUT.field()
     # --- shared groups, with a reward model's defaults -----------------------------------------
     learning_rate: float = s.LEARNING_RATE.field(default=1e-5)
     seed: int = s.SEED.field(help="Seed of data order, the head's initialisation and the split.")
@@ -38,6 +39,7 @@ class RewardConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSe
     label_noise: float = s.LABEL_NOISE.field()
 
     # The built-in task's recipe (~2M-parameter trunk); under YAML and flags.
+    foreign_names: ClassVar[dict[str, str]] = s.TRL_NAMES
     builtin_preset: ClassVar[dict[str, Any]] = {
         "learning_rate": 3e-4,
         "batch_size": 32,

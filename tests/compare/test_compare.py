@@ -13,6 +13,7 @@ import pytest
 from direct_align.cli import main
 from direct_align.compare.plan import plan
 from direct_align.compare.report import markdown_table
+from scripts.wandb_offline import read_runs, read_table
 
 
 def test_plan_runs_every_method_and_ppo_shares_one_reward_model() -> None:
@@ -52,8 +53,9 @@ def test_quick_comparison_measures_every_method_and_ppo_learns(default_run, tmp_
     out = tmp_path / "cmp"
     env = {**os.environ, "DIRECT_ALIGN_CACHE": str(cache)}
     result = subprocess.run([sys.executable, "scripts/compare_ppo.py", "--quick",
-                             "--output-dir", str(out)], env=env, capture_output=True, text=True,
-                            timeout=900, cwd=Path(__file__).parents[2])  # fmt: skip
+                             "--output-dir", str(out), "--report-to", "wandb"], env=env,
+                            capture_output=True, text=True, timeout=900,
+                            cwd=Path(__file__).parents[2])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((out / "comparison.json").read_text())
     rows = {r["method"]: r for r in table["rows"]}
@@ -78,3 +80,18 @@ def test_quick_comparison_measures_every_method_and_ppo_learns(default_run, tmp_
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert markdown_table(table) in result.stdout
     assert all(r["commands"][-1].startswith("direct-align ") for r in table["rows"])
+
+    # W&B (offline): every run of the comparison in one group, with the keys to group by, and a
+    # summary run with the table and the plots
+    runs = {r.name: r for d in (out / "runs").iterdir() if d.is_dir() for r in read_runs(d)}
+    assert set(runs) == {"reward-model", *(r["run"] for r in table["rows"])}
+    assert {r.group for r in runs.values()} == {"cmp"}
+    for row in table["rows"]:
+        run = runs[row["run"]]
+        assert (run.config["method"], run.config["strength"]) == (row["method"], row["strength"])
+        assert run.config["value"] == row["value"] and run.config["seed"] == 42
+        assert run.summary["policy/true_reward"] == pytest.approx(row["true_reward"])
+    [summary] = read_runs(out)
+    assert summary.group == "cmp" and summary.name == "cmp-summary"
+    assert read_table(summary.path, summary, "comparison")[0]["run"] == table["rows"][0]["run"]
+    assert {"frontier", "reward_vs_time", "memory"} <= {k.split("/")[0] for k in summary.summary}

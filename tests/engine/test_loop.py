@@ -210,8 +210,8 @@ def test_make_optimizer_takes_trainable_parameters_and_warms_up() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
     model[0].requires_grad_(False)
     cfg = ToyConfig(learning_rate=0.1, warmup_ratio=0.2, lr_scheduler="linear")
-    optimizer, scheduler = make_optimizer(model.parameters(), cfg, total=10)
-    assert [p for g in optimizer.param_groups for p in g["params"]] == list(model[1].parameters())
+    optimizer, scheduler = make_optimizer(model, cfg, total=10)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model[1].parameters()}
     lrs = []
     for _ in range(10):
         lrs.append(scheduler.get_last_lr()[0])
@@ -219,6 +219,24 @@ def test_make_optimizer_takes_trainable_parameters_and_warms_up() -> None:
         scheduler.step()
     assert lrs[:3] == pytest.approx([0.0, 0.05, 0.1])  # 2 warmup steps, then linear decay
     assert lrs[3:] == pytest.approx([0.1 * (10 - k) / 8 for k in range(3, 10)])
+
+
+def test_weight_decay_spares_biases_and_norm_weights(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    """As transformers' Trainer: decay on weight matrices, none on biases and norms; a step
+    with zero gradients then shrinks exactly the decayed parameters."""
+    model = make_tiny_model(tiny_tokenizer)
+    cfg = ToyConfig(learning_rate=0.1, weight_decay=0.5, warmup_ratio=0.0, lr_scheduler="constant")
+    optimizer, _ = make_optimizer(model, cfg, total=1)
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.5 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decay) == ("norm" not in name and "bias" not in name), name
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        shrunk = torch.allclose(p, before[name] * (1 - 0.1 * 0.5))
+        assert shrunk == (id(p) in decay) or not before[name].any(), name
 
 
 # ----------------------------------------------------------------------------- accumulation

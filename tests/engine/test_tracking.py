@@ -10,11 +10,11 @@ import pytest
 
 from direct_align.engine.outputs import DiskFull
 from direct_align.engine.tracking import Tracker, read_metrics, table
+from direct_align.settings import TrackerSettings
 
 
 def tracker(out: Path, resume_step: int | None = None) -> Tracker:
-    return Tracker(out, report_to="none", project="p", run_name="r", config={},
-                   resume_step=resume_step)  # fmt: skip
+    return Tracker(out, TrackerSettings(report_to="none"), config={}, resume_step=resume_step)
 
 
 def test_resume_keeps_the_records_up_to_the_checkpoint_and_drops_a_half_written_line(

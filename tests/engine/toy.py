@@ -68,7 +68,7 @@ def run_toy(cfg: ToyConfig, *, on_step: Callable[[Loop], None] | None = None,
         torch.manual_seed(1)
         model = nn.Linear(4, 1)
         session.open()
-        optimizer, scheduler = make_optimizer(model.parameters(), cfg, cfg.steps)
+        optimizer, scheduler = make_optimizer(model, cfg, cfg.steps)
         model, optimizer, load_kwargs = prepare(model, optimizer, scheduler,
                                                 accelerator=accelerator, micro_batch_size=4,
                                                 max_grad_norm=cfg.max_grad_norm)  # fmt: skip

@@ -107,3 +107,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(data_dir, cache, tiny_model_di
     state = json.loads((checkpoints[0] / "trainer_state.json").read_text())["train_state"]
     assert state["step"] >= 1 and checkpoints[0].name == f"step-{state['step']:06d}"
     assert not (out / "final").exists()
+
+
+def test_push_to_hub_failing_keeps_final_and_says_so_in_one_line(data_dir, cache, tiny_model_dir,
+                                                                  tmp_path) -> None:  # fmt: skip
+    out = tmp_path / "run"
+    result = run_cli(["train", "--loss", "dpo", "--model", str(tiny_model_dir), "--dataset",
+                      str(data_dir / "standard.jsonl"), "--output-dir", str(out), "--max-steps", "2",
+                      "--push-to-hub", "someone/tiny-dpo"], cache,
+                     HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9")  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and error[0].startswith("error: --push-to-hub someone/tiny-dpo: upload failed")
+    assert f"the model is saved in {out / 'final'}" in error[0]
+    card = (out / "final" / "README.md").read_text()
+    assert "base_model: " in card and "direct-align train" in card
+    assert (out / "summary.json").is_file()
