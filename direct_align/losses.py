@@ -6,6 +6,10 @@ one entry point: it validates its arguments, casts to float32, calls the loss an
 Notation: pi_c, pi_r are policy log-prob sums of the chosen/rejected responses, r_c, r_r the
 reference sums (0 when no reference is given), |y| a response's token count and
 h = (pi_c - r_c) - (pi_r - r_r).
+
+Unpaired losses (KTO) take one completion per example with a label (desirable or not) instead of
+a pair; the example's "rejected" slot then holds a completion of another example for the same
+prompt, whose log-ratio estimates the reference point (see :func:`kto_loss`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ _LN2 = math.log(2.0)
 _LOG1MEXP_MAX = -torch.finfo(torch.float32).eps
 # Arguments every loss may name; anything else in a loss's signature is a loss-specific option.
 _COMMON = frozenset({"chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-                     "chosen_lengths", "rejected_lengths", "beta"})
+                     "chosen_lengths", "rejected_lengths", "beta", "labels"})
 
 
 class LossError(ConfigError, ValueError):
@@ -151,6 +155,38 @@ def simpo_loss(*, chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: 
     return losses, chosen_rewards, rejected_rewards, {}
 
 
+def kto_loss(*, chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, labels: Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> LossTerms:
+    """KTO, Kahneman-Tversky optimisation (Ethayarajh et al. 2024, eq. 8), on unpaired examples.
+
+    For example i with completion y and label l (1: desirable, 0: undesirable):
+    r = pi_c - r_c, the completion's log-ratio; the reference point
+    z0 = max(0, mean_batch(pi_r - r_r)) estimates KL(pi || pi_ref) from the log-ratios of
+    mismatched completions (the "rejected" slot: another example's completion under this
+    prompt) and is not differentiated, as in the paper; the value is
+    v = lambda_D * sigma(beta * (r - z0)) if l else lambda_U * sigma(beta * (z0 - r)), and the loss
+    lambda_l - v, i.e. lambda_l * (1 - sigma(...)). ``desirable_weight`` and
+    ``undesirable_weight`` (lambda_D, lambda_U) rebalance imbalanced data; the paper suggests
+    lambda_D * n_D / (lambda_U * n_U) in [1, 4/3].
+    Rewards: beta * r (chosen) and beta * z0 (rejected); an example counts as right when r is
+    on its label's side of z0.
+    """
+    for name, weight in (("desirable_weight", desirable_weight),
+                         ("undesirable_weight", undesirable_weight)):  # fmt: skip
+        if not 0 < weight < math.inf:
+            raise LossError(f"loss 'kto': {name} must be a finite number > 0, got {weight}")
+    desirable = labels.bool()
+    ratio = chosen_logps - ref_chosen_logps
+    z0 = (rejected_logps - ref_rejected_logps).detach().mean().clamp(min=0)
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio))))  # fmt: skip
+    right = ((ratio > z0) == desirable).float()
+    kl = z0.expand_as(ratio)
+    return losses, beta * ratio, beta * kl, {"rewards/accuracies": right, "kl": kl,
+                                            "desirable": desirable.float()}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class LossSpec:
     """A registered loss: its function and what the trainer must provide for it.
@@ -158,6 +194,7 @@ class LossSpec:
     ``reference_free``: the loss never reads reference log-probs (no reference model is needed;
     given ones are ignored). ``needs_lengths``: response token counts are required.
     ``default_beta``: the beta configs use when none is set. ``summary``: one line for help text.
+    ``unpaired``: it trains on labelled single completions (``labels`` required), not pairs.
     """
 
     fn: Callable[..., LossTerms]
@@ -165,6 +202,7 @@ class LossSpec:
     needs_lengths: bool
     default_beta: float
     summary: str
+    unpaired: bool = False
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -185,6 +223,9 @@ LOSSES: dict[str, LossSpec] = {
                      "ORPO, NLL plus beta-weighted odds-ratio term; no reference"),
     "simpo": LossSpec(simpo_loss, True, True, 2.0,
                       "SimPO, length-normalised margin loss with target margin gamma; no reference"),
+    "kto": LossSpec(kto_loss, False, False, 0.1,
+                    "KTO on thumbs-up/down data: unpaired completions labelled desirable or not",
+                    unpaired=True),
 }
 
 
@@ -203,13 +244,16 @@ def preference_loss(name: str, *, chosen_logps: Tensor, rejected_logps: Tensor,
                     ref_chosen_logps: Tensor | None = None,
                     ref_rejected_logps: Tensor | None = None,
                     chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
-                    beta: float = 0.1, **kwargs: float) -> tuple[Tensor, dict[str, float]]:
+                    beta: float = 0.1, labels: Tensor | None = None,
+                    **kwargs: float) -> tuple[Tensor, dict[str, float]]:
     """Compute the preference loss ``name`` on a batch of log-prob sums.
 
     All tensors are [batch]: policy (and optional reference) log-prob sums over response tokens
     and response token counts. Everything is computed in float32. Reference tensors are detached
     (the reference is fixed); if both are None the reference terms are 0 (reference-free DPO for
-    the DPO family), and orpo/simpo ignore them. Returns the scalar float32 batch-mean loss and
+    the DPO family), and orpo/simpo ignore them. ``labels`` [batch] (bool): for unpaired losses
+    (kto), whether each example's completion is desirable; its "rejected" sums are those of a
+    mismatched completion. Returns the scalar float32 batch-mean loss and
     python-float metrics: rewards/{chosen,rejected,margins,accuracies}, logps/{chosen,rejected}
     (means of the given sums) and any loss-specific extras.
     """
@@ -226,6 +270,9 @@ def preference_loss(name: str, *, chosen_logps: Tensor, rejected_logps: Tensor,
         raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
     if spec.needs_lengths and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"loss {name!r} needs chosen_lengths and rejected_lengths")
+    if spec.unpaired != (labels is not None):
+        raise ValueError(f"loss {name!r} " + ("needs labels (unpaired examples)" if spec.unpaired
+                                             else "takes pairs, not labels"))  # fmt: skip
 
     chosen = _as_batch(chosen_logps, "chosen_logps", None)
     args: dict[str, Tensor | float] = {
@@ -246,6 +293,8 @@ def preference_loss(name: str, *, chosen_logps: Tensor, rejected_logps: Tensor,
                 raise ValueError(f"loss {name!r}: every entry of {key} must be > 0")
             args[key] = lengths
 
+    if labels is not None:
+        args["labels"] = _as_batch(labels, "labels", chosen).bool()
     params = inspect.signature(spec.fn).parameters
     losses, chosen_rewards, rejected_rewards, extras = spec.fn(
         **{k: v for k, v in args.items() if k in params}, **kwargs)

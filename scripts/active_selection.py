@@ -30,12 +30,15 @@ import sys
 import time
 from pathlib import Path
 
-from direct_align.builtin.build import BuiltinSpec, default_cache_dir, ensure_builtin
+from direct_align.builtin.build import BuiltinAssets, BuiltinSpec, default_cache_dir, ensure_builtin
+from direct_align.builtin.report import hidden_reward_report
 from direct_align.cli import main as cli
+from direct_align.models.loading import load_causal_lm, load_tokenizer
 
 RECIPE = ["--loss", "dpo", "--beta", "0.1", "--learning-rate", "1e-4", "--batch-size", "32",
           "--max-length", "64", "--eval-every", "0", "--save-every", "0", "--report-to", "none",
           "--eval-prompts", "128"]  # fmt: skip
+EVAL_PROMPTS = 128
 
 
 def run(*args: str) -> None:
@@ -58,11 +61,18 @@ def write(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def train(out: Path, pairs: list[dict], seed: int, eval_file: Path, steps: int) -> dict:
+def train(out: Path, pairs: list[dict], seed: int, assets: BuiltinAssets, steps: int) -> dict:
+    """DPO on ``pairs``; its summary with the task's report of the trained policy's samples
+    (true reward and KL on the held-out prompts, as ``train`` prints on the built-in task)."""
     data = write(out.with_suffix(".jsonl"), pairs)
-    run("train", *RECIPE, "--dataset", str(data), "--eval-dataset", str(eval_file),
+    run("train", *RECIPE, "--dataset", str(data), "--eval-dataset", str(assets.eval_file),
         "--max-steps", str(steps), "--seed", str(seed), "--output-dir", str(out))  # fmt: skip
-    return json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    policy = load_causal_lm(str(out / "final"))
+    summary["builtin"], _ = hidden_reward_report(policy, str(assets.model_dir),
+                                                 load_tokenizer(str(assets.model_dir)), assets,
+                                                 prompts=EVAL_PROMPTS, seed=seed)  # fmt: skip
+    return summary
 
 
 def most_uncertain(policy: Path, base: Path, pool: list[dict], n: int, work: Path) -> list[dict]:
@@ -100,7 +110,7 @@ def main() -> None:
         seed_rows = [candidates[i] for i in order[: opts.seed_pairs]]
         pool = [candidates[i] for i in order[opts.seed_pairs :]]
         seed_set = [labelled(r) for r in seed_rows]
-        first = train(work / "seed-policy", seed_set, seed, assets.eval_file, opts.steps)
+        first = train(work / "seed-policy", seed_set, seed, assets, opts.steps)
         print(f"seed {seed}: seed policy on {len(seed_set)} pairs: true reward "
               f"{first['builtin']['policy/true_reward']:.3f}", flush=True)  # fmt: skip
         ranked = most_uncertain(work / "seed-policy" / "final", base, pool, max(opts.budgets), work)
@@ -110,14 +120,14 @@ def main() -> None:
             if opts.iterative:
                 half = ranked[: budget // 2]
                 mid = train(work / f"mid-{budget}", seed_set + [labelled(r) for r in half], seed,
-                            assets.eval_file, opts.steps)  # fmt: skip
+                            assets, opts.steps)  # fmt: skip
                 rest = [r for r in pool if r not in half]
                 chosen["iterative"] = half + most_uncertain(work / f"mid-{budget}" / "final", base,
                                                             rest, budget - budget // 2, work)  # fmt: skip
                 del mid
             for arm in arms:
                 summary = train(work / f"{arm}-{budget}", seed_set + [labelled(r) for r in chosen[arm]],
-                                seed, assets.eval_file, opts.steps)  # fmt: skip
+                                seed, assets, opts.steps)  # fmt: skip
                 reward = summary["builtin"]["policy/true_reward"]
                 results.setdefault((budget, arm), []).append(reward)
                 print(f"seed {seed}, {budget} labels, {arm}: true reward {reward:.3f}, held-out "

@@ -79,3 +79,18 @@ def three(prompts, responses):
 ONLINE = ["--online", "--max-length", "48", "--max-new-tokens", "12", "--learning-rate", "5e-2",
           "--beta", "0.5", "--batch-size", "8", "--eval-every", "0", "--save-every", "0",
           "--report-to", "none"]  # fmt: skip
+
+
+def train_here(args: list[str], cache: Path, caplog: pytest.LogCaptureFixture) -> str:
+    """`direct-align train ARGS` in this process with its own cache; returns what it logged,
+    after checking it exited cleanly."""
+    import logging
+
+    caplog.clear()
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO, logger="direct_align"):
+        mp.setenv("DIRECT_ALIGN_CACHE", str(cache))
+        try:
+            main(["train", *args])
+        except SystemExit as e:
+            assert e.code in (0, None), caplog.text[-3000:]
+    return caplog.text

@@ -93,7 +93,7 @@ def test_an_integer_may_be_written_any_way_that_means_it(value) -> None:
         ({"eval_fraction": "1.0"}, "--eval-fraction must be in (0, 1), got 1.0"),
         ({"top_p": "0"}, "--top-p must be in (0, 1], got 0.0"),
         ({"precision": "fp8"}, "--precision must be one of auto, fp32, bf16; got 'fp8'"),
-        ({"loss": "dpoo"}, "--loss must be one of dpo, ipo, hinge, robust, orpo, simpo; got "
+        ({"loss": "dpoo"}, "--loss must be one of dpo, ipo, hinge, robust, orpo, simpo, kto; got "
                            "'dpoo' (did you mean 'dpo'?)"),
         ({"online": "maybe"}, "--online must be true or false, got 'maybe'"),
         ({"resume": True, "overwrite": True, "output_dir": "x"}, "exclude each other"),

@@ -26,6 +26,11 @@ def softplus(x: float) -> float:
     return math.log1p(math.exp(x))
 
 
+def labels_for(name: str, n: int) -> torch.Tensor | None:
+    """Alternating labels for an unpaired loss (kto), None for the paired ones."""
+    return torch.arange(n) % 2 == 0 if LOSSES[name].unpaired else None
+
+
 def loss_of(name: str, **kw) -> float:
     return preference_loss(name, **kw)[0].item()
 
@@ -39,9 +44,11 @@ EX = dict(chosen_logps=t(-10.0), rejected_logps=t(-14.0), ref_chosen_logps=t(-11
 # ----------------------------------------------------------------------------- registry
 
 def test_registry_contents() -> None:
-    assert set(LOSSES) == {"dpo", "ipo", "hinge", "robust", "orpo", "simpo"}
+    assert set(LOSSES) == {"dpo", "ipo", "hinge", "robust", "orpo", "simpo", "kto"}
     assert {n: s.default_beta for n, s in LOSSES.items()} == {
-        "dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "robust": 0.1, "orpo": 0.1, "simpo": 2.0}
+        "dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "robust": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+    assert {n for n, s in LOSSES.items() if s.unpaired} == {"kto"}
+    assert LOSSES["kto"].options == ("desirable_weight", "undesirable_weight")
     assert {n for n, s in LOSSES.items() if s.reference_free} == {"orpo", "simpo"}
     assert {n for n, s in LOSSES.items() if s.needs_lengths} == {"ipo", "orpo", "simpo"}
     assert LOSSES["simpo"].options == ("gamma", "label_smoothing")
@@ -165,7 +172,7 @@ def test_reference_free_losses_ignore_refs(name: str) -> None:
 
 # ----------------------------------------------------------------------------- gradients
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(n for n, s in LOSSES.items() if not s.unpaired))
 def test_gradient_raises_chosen_lowers_rejected(name: str) -> None:
     # Margins are small (h = 0.5, h_avg = 0.125) so hinge and IPO are still active.
     chosen = t(-6.0, -9.0).requires_grad_()
@@ -212,7 +219,8 @@ def test_bf16_inputs_match_fp32(name: str) -> None:
         c, r, rc, rr = tensors
         return preference_loss(name, chosen_logps=c, rejected_logps=r, ref_chosen_logps=rc,
                                ref_rejected_logps=rr, chosen_lengths=lengths[0],
-                               rejected_lengths=lengths[1], beta=LOSSES[name].default_beta)[0]
+                               rejected_lengths=lengths[1], beta=LOSSES[name].default_beta,
+                               labels=labels_for(name, 16))[0]
 
     low = run([s.to(torch.bfloat16) for s in sums])
     assert low.dtype == torch.float32 and torch.isfinite(low)
@@ -251,10 +259,15 @@ def test_huge_margins_are_finite(name: str, margin: float) -> None:
     options = {"label_smoothing": 0.1} if "label_smoothing" in LOSSES[name].options else {}
     loss, m = preference_loss(name, chosen_logps=chosen, rejected_logps=rejected,
                               chosen_lengths=torch.tensor([1, 1]),
-                              rejected_lengths=torch.tensor([1, 1]), **options)
+                              rejected_lengths=torch.tensor([1, 1]), labels=labels_for(name, 2),
+                              **options)
     loss.backward()
     assert torch.isfinite(loss) and all(math.isfinite(v) for v in m.values())
-    assert torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+    assert torch.isfinite(chosen.grad).all()
+    if LOSSES[name].unpaired:  # the mismatched completions only set KTO's detached z0
+        assert rejected.grad is None
+    else:
+        assert torch.isfinite(rejected.grad).all()
 
 
 def test_dpo_huge_margin_limits() -> None:
@@ -271,8 +284,8 @@ LENGTHS = dict(chosen_lengths=torch.tensor([3]), rejected_lengths=torch.tensor([
 
 
 def test_unknown_loss_lists_known_names() -> None:
-    with pytest.raises(ValueError, match="unknown loss 'kto'.*dpo.*simpo"):
-        preference_loss("kto", **BASE)
+    with pytest.raises(ValueError, match="unknown loss 'cpo'.*dpo.*simpo"):
+        preference_loss("cpo", **BASE)
 
 
 @pytest.mark.parametrize("name", ["ipo", "orpo", "simpo"])
@@ -325,3 +338,62 @@ def test_errors_are_config_errors() -> None:
     with pytest.raises(ConfigError):
         preference_loss("nope", **BASE)
     assert issubclass(LossError, ValueError)
+
+
+# ----------------------------------------------------------------------------- KTO
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+# Three examples, log-ratios r = pi - r_ref of 1.0, -0.5, 0.25 (labels: yes, no, yes); the
+# mismatched completions' log-ratios 0.5, 0.1, 0.3 give z0 = mean = 0.3.
+KTO = dict(chosen_logps=t(-9.0, -10.5, -4.75), ref_chosen_logps=t(-10.0, -10.0, -5.0),
+           rejected_logps=t(-11.5, -7.9, -6.7), ref_rejected_logps=t(-12.0, -8.0, -7.0),
+           labels=torch.tensor([True, False, True]), beta=2.0)
+
+
+def test_kto_value_by_hand() -> None:
+    """L = λ_D (1 − σ(β(r − z0))) for desirable, λ_U (1 − σ(β(z0 − r))) for undesirable."""
+    z0 = 0.3
+    expected = [1 - sigmoid(2.0 * (1.0 - z0)), 1 - sigmoid(2.0 * (z0 + 0.5)), 1 - sigmoid(2.0 * (0.25 - z0))]
+    loss, m = preference_loss("kto", **KTO)
+    assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    assert m["kl"] == pytest.approx(z0, rel=1e-6)
+    # right: r above z0 for desirable (1.0 yes, 0.25 no), below for undesirable (-0.5 yes)
+    assert m["rewards/accuracies"] == pytest.approx(2 / 3)
+    assert m["rewards/chosen"] == pytest.approx(2.0 * (1.0 - 0.5 + 0.25) / 3, rel=1e-6)
+    assert m["rewards/rejected"] == pytest.approx(2.0 * z0, rel=1e-6)
+    assert m["desirable"] == pytest.approx(2 / 3)
+
+
+def test_kto_weights_and_the_clamped_reference_point() -> None:
+    weighted = preference_loss("kto", **KTO, desirable_weight=2.0, undesirable_weight=0.5)[0].item()
+    # z0 = 0.3: r - z0 = 0.7, z0 - r = 0.8, r - z0 = -0.05
+    expected = [2.0 * (1 - sigmoid(2.0 * 0.7)), 0.5 * (1 - sigmoid(2.0 * 0.8)), 2.0 * (1 - sigmoid(2.0 * -0.05))]
+    assert weighted == pytest.approx(sum(expected) / 3, rel=1e-6)
+    # a negative mean log-ratio of the mismatched completions is clamped: z0 = 0
+    low = {**KTO, "rejected_logps": KTO["ref_rejected_logps"] - 1.0}
+    loss, m = preference_loss("kto", **low)
+    assert m["kl"] == 0.0
+    assert loss.item() == pytest.approx((1 - sigmoid(2.0) + 1 - sigmoid(1.0) + 1 - sigmoid(0.5)) / 3, rel=1e-6)
+    with pytest.raises(LossError, match="desirable_weight must be a finite number > 0"):
+        preference_loss("kto", **KTO, desirable_weight=0.0)
+
+
+def test_kto_gradient_moves_each_example_toward_its_label_and_not_through_z0() -> None:
+    chosen = KTO["chosen_logps"].clone().requires_grad_()
+    mismatched = KTO["rejected_logps"].clone().requires_grad_()
+    loss, _ = preference_loss("kto", **{**KTO, "chosen_logps": chosen, "rejected_logps": mismatched})
+    loss.backward()
+    assert (chosen.grad[[0, 2]] < 0).all() and chosen.grad[1] > 0  # desirable up, undesirable down
+    assert mismatched.grad is None or (mismatched.grad == 0).all()  # z0 is not differentiated
+
+
+def test_kto_needs_labels_and_pairs_take_none() -> None:
+    no_labels = {k: v for k, v in KTO.items() if k != "labels"}
+    with pytest.raises(ValueError, match="needs labels"):
+        preference_loss("kto", **no_labels)
+    with pytest.raises(ValueError, match="takes pairs, not labels"):
+        preference_loss("dpo", **KTO)

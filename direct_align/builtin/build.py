@@ -80,6 +80,30 @@ class BuiltinAssets:
             _write_jsonl(path, labelled)
         return path
 
+    def thumbs_file(self, threshold: float, label_noise: float) -> Path:
+        """The candidates' samples as unpaired feedback: each desirable when its hidden reward
+        is above ``threshold``, ``label_noise`` of the labels flipped (written on first use)."""
+        path = self.root / f"thumbs-t{threshold:.3f}-noise{label_noise:.3f}.jsonl"
+        if not path.exists():
+            rng = random.Random(f"thumbs-noise-{label_noise}")
+            rows = []
+            for row in (json.loads(line) for line in (self.root / "candidates.jsonl").open()):
+                for text, reward in ((row["a"], row["reward_a"]), (row["b"], row["reward_b"])):
+                    label = (reward > threshold) != (rng.random() < label_noise)
+                    rows.append({"prompt": row["prompt"], "completion": text, "label": label})
+            _write_jsonl(path, rows)
+        return path
+
+    def thumbs_eval_file(self, threshold: float) -> Path:
+        """The held-out pairs' responses as unpaired feedback, labelled by the hidden reward."""
+        path = self.root / f"thumbs-eval-t{threshold:.3f}.jsonl"
+        if not path.exists():
+            rows = [{"prompt": row["prompt"], "completion": text, "label": true_reward(text) > threshold}
+                    for row in (json.loads(line) for line in self.eval_file.open())
+                    for text in (row["chosen"], row["rejected"])]  # fmt: skip
+            _write_jsonl(path, rows)
+        return path
+
     def held_out_prompts(self, n: int) -> list[str]:
         prompts = json.loads(self.prompts_file.read_text())
         return prompts[:n]
@@ -253,6 +277,9 @@ def _label(row: dict, *, flip: bool) -> dict:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w") as f:
+    """Written whole or not at all (another process may be reading the task)."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with tmp.open("w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)

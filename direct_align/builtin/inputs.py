@@ -19,14 +19,26 @@ class Inputs:
     assets: BuiltinAssets | None  # the built-in task, when it fills something in
 
 
+def _unpaired(cfg: Any) -> bool:
+    from direct_align.losses import LOSSES
+
+    loss = getattr(cfg, "loss", None)
+    return loss in LOSSES and LOSSES[loss].unpaired and hasattr(cfg, "thumbs_threshold")
+
+
 def resolve_inputs(cfg: Any) -> Inputs:
     """The inputs of a run whose settings have ``cache_dir``, ``model`` and ``dataset`` (and
     optionally ``label_noise``); the built-in task (built once into the cache) fills in
-    whatever was not given."""
+    whatever was not given: its pairs, or with an unpaired loss its samples labelled by
+    ``thumbs_threshold``."""
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     assets = None
     if cfg.model is None or cfg.dataset is None:
         assets = ensure_builtin(cache_dir, BuiltinSpec())
     model_path = cfg.model or str(assets.model_dir)
-    source = cfg.dataset or str(assets.train_file(getattr(cfg, "label_noise", 0.0)))
+    noise = getattr(cfg, "label_noise", 0.0)
+    if cfg.dataset is None and _unpaired(cfg):  # thumbs up or down on the task's samples
+        source = str(assets.thumbs_file(cfg.thumbs_threshold, noise))
+    else:
+        source = cfg.dataset or str(assets.train_file(noise))
     return Inputs(cache_dir, model_path, source, assets)

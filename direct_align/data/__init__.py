@@ -34,6 +34,7 @@ from direct_align.data.tokenize import (
     fit_pair,
     tokenize_pairs,
 )
+from direct_align.data.unpaired import as_pairs, from_pairs, is_unpaired, to_unpaired_texts
 from direct_align.errors import DataError
 
 __all__ = [
@@ -60,12 +61,17 @@ __all__ = [
 
 @dataclass
 class PreparedData:
-    """Tokenized pairs of one source, with what truncation dropped and the format found."""
+    """Tokenized pairs of one source, with what truncation dropped and the format found
+    (``pairs.labels`` set: unpaired feedback, pair-shaped, see :mod:`.unpaired`)."""
 
     pairs: PairDataset
     stats: DropStats
     format: str
     source: str
+
+    @property
+    def unpaired(self) -> bool:
+        return self.pairs.labels is not None
 
 
 def prepare_pairs(
@@ -76,8 +82,16 @@ def prepare_pairs(
     max_length: int,
     max_prompt_length: int | None = None,
     split: str | None = None,
+    unpaired: bool = False,
+    unpaired_from_pairs: bool = False,
+    seed: int = 0,
 ) -> PreparedData:
     """Load ``source``, read it as format ``fmt`` (``"auto"`` detects it), tokenize and truncate.
+
+    With ``unpaired`` (the caller trains an unpaired loss), unpaired feedback (columns prompt,
+    completion, label) is read as such, and with ``unpaired_from_pairs`` preference pairs are too
+    (chosen desirable, rejected not); either way each example gets a mismatched completion drawn
+    with ``seed`` (:mod:`.unpaired`). Without it, unpaired feedback is refused.
 
     Raises:
         DataError: for an unknown format or settings, and anything wrong with the data.
@@ -85,10 +99,20 @@ def prepare_pairs(
     check_format_name(fmt)
     check_lengths(max_length, max_prompt_length)  # before spending time on loading
     ds = load_source(source, split=split)
-    pairs = to_text_pairs(ds, fmt=fmt, tokenizer=tokenizer, source=source)
-    tokenized, stats = tokenize_pairs(
-        pairs, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length, source=source
-    )
+    labels = None
+    if is_unpaired(ds):
+        if not unpaired:
+            raise DataError(f"{source}: these rows are unpaired feedback (prompt, completion, "
+                            "label); this needs preference pairs (prompt, chosen, rejected)")  # fmt: skip
+        feedback = to_unpaired_texts(ds, tokenizer=tokenizer, source=source)
+        pairs, labels = as_pairs(feedback, seed)
+    else:
+        pairs = to_text_pairs(ds, fmt=fmt, tokenizer=tokenizer, source=source)
+        if unpaired and unpaired_from_pairs:
+            pairs, labels = as_pairs(from_pairs(pairs), seed)
+    tokenized, stats = tokenize_pairs(pairs, tokenizer, max_length=max_length,
+                                      max_prompt_length=max_prompt_length, source=source,
+                                      labels=labels)  # fmt: skip
     return PreparedData(pairs=tokenized, stats=stats, format=pairs.format, source=source)
 
 

@@ -158,7 +158,8 @@ def _check_forced(ds: datasets.Dataset, fmt: str, source: str) -> None:
             raise DataError(f"{source}: format 'standard' needs strings in column 'prompt'")
 
 
-def _text(value: Any, field: str) -> str:
+def text_field(value: Any, field: str) -> str:
+    """``value`` of row field ``field`` if it is non-blank text; RowProblem otherwise."""
     if value is None:
         raise RowProblem(f"field '{field}' is missing")
     if not isinstance(value, str):
@@ -239,11 +240,11 @@ def to_text_pairs(ds: datasets.Dataset, *, fmt: str, tokenizer: Any, source: str
     for row, (p, c, r) in enumerate(rows, start=1):
         try:
             if fmt == "standard":
-                triple = (_text(p, "prompt"), _text(c, "chosen"), _text(r, "rejected"))
+                triple = (text_field(p, "prompt"), text_field(c, "chosen"), text_field(r, "rejected"))
                 if triple[1] == triple[2]:
                     raise IdenticalPair("'chosen' and 'rejected' are identical")
             elif fmt == "implicit":
-                triple = split_implicit(_text(c, "chosen"), _text(r, "rejected"))
+                triple = split_implicit(text_field(c, "chosen"), text_field(r, "rejected"))
             else:
                 assert renderer is not None
                 triple = _render_row(renderer, p, c, r, explicit_prompt)

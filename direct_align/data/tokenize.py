@@ -39,11 +39,16 @@ class PairDataset:
     prompt_ids: list[list[int]]
     chosen_ids: list[list[int]]
     rejected_ids: list[list[int]]
+    # unpaired feedback (KTO): whether "chosen" is desirable; "rejected" is then a mismatched
+    # completion (:mod:`direct_align.data.unpaired`). None for preference pairs.
+    labels: list[bool] | None = None
 
     def __post_init__(self) -> None:
         sizes = {len(self.prompt_ids), len(self.chosen_ids), len(self.rejected_ids)}
+        if self.labels is not None:
+            sizes.add(len(self.labels))
         if len(sizes) != 1:
-            raise ValueError(f"prompt, chosen and rejected lists differ in length: {sizes}")
+            raise ValueError(f"prompt, chosen, rejected and label lists differ in length: {sizes}")
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -54,7 +59,17 @@ class PairDataset:
             [self.prompt_ids[i] for i in indices],
             [self.chosen_ids[i] for i in indices],
             [self.rejected_ids[i] for i in indices],
+            None if self.labels is None else [self.labels[i] for i in indices],
         )
+
+    def labels_of(self, index: Any, device: Any = None) -> Any:
+        """The labels ``[B]`` (bool tensor) of the examples at ``index`` (a ``[B]`` tensor of
+        dataset positions), or None for pairs."""
+        if self.labels is None:
+            return None
+        import torch
+
+        return torch.tensor([self.labels[i] for i in index.tolist()], dtype=torch.bool, device=device)
 
     def fingerprint(self) -> str:
         """xxh3-128 hex digest of every id and every sequence length, in order.
@@ -86,6 +101,7 @@ class DropStats:
     too_long: int
     identical: int
     max_length: int | None = field(default=None)
+    unit: str = "pairs"  # "examples" for unpaired feedback
 
     def describe(self) -> str:
         """One line, e.g. ``kept 980 of 1000 pairs (12 truncated; dropped 5 identical ...)``."""
@@ -98,7 +114,7 @@ class DropStats:
             dropped.append(f"{self.identical} with identical chosen and rejected")
         if dropped:
             notes.append("dropped " + ", ".join(dropped))
-        text = f"kept {self.kept} of {self.total} pairs"
+        text = f"kept {self.kept} of {self.total} {self.unit}"
         return f"{text} ({'; '.join(notes)})" if notes else text
 
 
@@ -158,8 +174,12 @@ def tokenize_pairs(
     max_length: int,
     max_prompt_length: int | None = None,
     source: str,
+    labels: list[bool] | None = None,
 ) -> tuple[PairDataset, DropStats]:
     """Tokenize ``pairs`` and fit them into ``max_length`` tokens (see the module docstring).
+
+    ``labels``: unpaired examples (pair-shaped, :mod:`direct_align.data.unpaired`), whose
+    labels the kept rows keep; their completion may equal the mismatched one (not dropped).
 
     Prompt and responses are tokenized separately without special tokens. Unless the texts
     come from a chat template (``pairs.templated``), BOS is put before each prompt (if the
@@ -181,9 +201,9 @@ def tokenize_pairs(
             chosen = [ids if ids[-1:] == [eos] else [*ids, eos] for ids in chosen]
             rejected = [ids if ids[-1:] == [eos] else [*ids, eos] for ids in rejected]
 
-    out = PairDataset([], [], [])
+    out = PairDataset([], [], [], None if labels is None else [])
     truncated = too_long = identical = 0
-    for p, c, r in zip(prompts, chosen, rejected):
+    for row, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
         fitted = fit_pair(
             p, c, r, max_length=max_length, max_prompt_length=max_prompt_length, bos_id=bos
         )
@@ -191,16 +211,18 @@ def tokenize_pairs(
             too_long += 1
             continue
         p, c, r, was_cut = fitted
-        if c == r:
+        if c == r and labels is None:
             identical += 1
             continue
         truncated += was_cut
         out.prompt_ids.append(p)
         out.chosen_ids.append(c)
         out.rejected_ids.append(r)
+        if labels is not None:
+            out.labels.append(labels[row])
     identical += pairs.identical  # skipped rows of the source count as dropped here too
     stats = DropStats(len(prompts) + pairs.identical, len(out), truncated, too_long, identical,
-                      max_length)  # fmt: skip
+                      max_length, unit="pairs" if labels is None else "examples")  # fmt: skip
     if not len(out):
         raise DataError(
             f"{source}: no pair fits max_length={max_length} (of {stats.total} pairs, "

@@ -59,7 +59,7 @@ def evaluate_pairs(
             ref_chosen_logps=None if refs[0] is None else refs[0].to(device),
             ref_rejected_logps=None if refs[1] is None else refs[1].to(device),
             chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths, beta=beta,
-            **loss_kwargs,
+            labels=pairs.labels_of(batch.index, device), **loss_kwargs,
         )  # fmt: skip
         for key, v in {"loss": value.item(), **metrics}.items():
             totals[key] = totals.get(key, 0.0) + v * len(index) * real

@@ -97,4 +97,6 @@ class SelectConfig(s.TrackerSettings):
             self.beta = LOSSES[self.loss].default_beta
 
     def checks(self) -> list[tuple[bool, str]]:
-        return [*output_checks(self), *s.tracker_checks(self)]
+        return [*output_checks(self), *s.tracker_checks(self),
+                (not LOSSES[self.loss].unpaired,
+                 f"--loss {self.loss} has no margin between two responses to rank pairs by")]  # fmt: skip

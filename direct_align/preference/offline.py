@@ -62,7 +62,7 @@ def train_step(model: Any, data: PairDataset, group: list[list[int]], ref: Refer
             ref_chosen_logps=None if ref_c is None else ref_c.to(device),
             ref_rejected_logps=None if ref_r is None else ref_r.to(device),
             chosen_lengths=out.chosen_lengths, rejected_lengths=out.rejected_lengths,
-            beta=cfg.beta, **options,
+            beta=cfg.beta, labels=data.labels_of(batch.index, device), **options,
         )  # fmt: skip
         return Forward(loss, metrics, batch.num_tokens)
 

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from direct_align.engine.tracking import table
+from direct_align.losses import LOSSES
 
 
 def print_summary(summary: dict[str, Any], output_dir: str) -> None:
@@ -20,15 +21,17 @@ def print_summary(summary: dict[str, Any], output_dir: str) -> None:
             ("KL(policy‖reference) of samples, nats", 0.0, b["policy/kl"]),
             ("response tokens per sample", b["reference/response_tokens"], b["policy/response_tokens"]),
         ]  # fmt: skip
+    unpaired = LOSSES[summary["loss"]].unpaired  # labelled examples, not pairs
+    accuracy, last = (("held-out label accuracy", ("held-out KL estimate z0", "eval/kl"))
+                      if unpaired else ("held-out preference accuracy",
+                                        ("held-out reward margin", "eval/rewards/margins")))  # fmt: skip
     rows += [
-        ("held-out preference accuracy", initial.get("eval/rewards/accuracies"),
-         final.get("eval/rewards/accuracies")),
+        (accuracy, initial.get("eval/rewards/accuracies"), final.get("eval/rewards/accuracies")),
         (f"held-out {summary['loss']} loss", initial.get("eval/loss"), final.get("eval/loss")),
-        ("held-out reward margin", initial.get("eval/rewards/margins"),
-         final.get("eval/rewards/margins")),
+        (last[0], initial.get(last[1]), final.get(last[1])),
     ]  # fmt: skip
     lines = [table(["", "reference", "policy"], rows),
-             f"{summary['steps']} steps, {summary['train_pairs']} pairs, "
+             f"{summary['steps']} steps, {summary['train_pairs']} {'examples' if unpaired else 'pairs'}, "
              f"{summary['runtime_s']:.0f} s → {output_dir}/final"]  # fmt: skip
     if summary.get("online"):
         lines.append(f"online: {summary['rounds']} rounds, {summary['judge_calls']} judge calls "

@@ -23,7 +23,8 @@ from direct_align.data import PairDataset, prepare_pairs, split_holdout
 from direct_align.data.prompts import load_prompts
 from direct_align.engine.session import Session, free_memory
 from direct_align.engine.tracking import first_eval
-from direct_align.errors import ConfigError
+from direct_align.errors import ConfigError, DataError
+from direct_align.losses import LOSSES
 from direct_align.models.loading import (
     describe_model,
     load_causal_lm,
@@ -43,7 +44,7 @@ from direct_align.preference.reference import (
     model_fingerprint,
     score_sharded,
 )
-from direct_align.preference.settings import TrainConfig, uses_reference
+from direct_align.preference.settings import TrainConfig, balance_kto, loss_kwargs, uses_reference
 from direct_align.rewards import RewardModelJudge, load_rewards
 from direct_align.settings import uses_bf16
 
@@ -59,8 +60,17 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
 
 def _prepare(source: str, tokenizer: Any, cfg: TrainConfig, split: str) -> PairDataset:
     data = prepare_pairs(source, tokenizer, fmt=cfg.format, max_length=cfg.max_length,
-                         max_prompt_length=cfg.max_prompt_length, split=split)  # fmt: skip
-    log.info("%s: %s format, %s", source, data.format, data.stats.describe())
+                         max_prompt_length=cfg.max_prompt_length, split=split, unpaired=True,
+                         unpaired_from_pairs=cfg.unpaired_from_pairs, seed=cfg.seed)  # fmt: skip
+    kind = "unpaired " if data.unpaired else ""
+    log.info("%s: %s%s format, %s", source, kind, data.format, data.stats.describe())
+    if LOSSES[cfg.loss].unpaired and not data.unpaired:
+        raise DataError(f"{source}: --loss {cfg.loss} trains on unpaired feedback (prompt, "
+                        "completion, label) and these are pairs; pass --unpaired-from-pairs to "
+                        "take chosen as desirable and rejected as undesirable")  # fmt: skip
+    if data.unpaired and not LOSSES[cfg.loss].unpaired:
+        raise DataError(f"{source}: unpaired feedback (prompt, completion, label) trains with "
+                        f"--loss kto, not --loss {cfg.loss}, which needs pairs")  # fmt: skip
     return data.pairs
 
 
@@ -69,8 +79,15 @@ def _eval_pairs(cfg: TrainConfig, inputs: Inputs, tokenizer: Any) -> PairDataset
     if cfg.eval_dataset:
         return _prepare(cfg.eval_dataset, tokenizer, cfg, cfg.eval_split or cfg.split)
     if cfg.dataset is None:
-        return _prepare(str(inputs.assets.eval_file), tokenizer, cfg, "train")
+        return _prepare(str(_builtin_eval_file(cfg, inputs)), tokenizer, cfg, "train")
     return None
+
+
+def _builtin_eval_file(cfg: TrainConfig, inputs: Inputs) -> Any:
+    """The built-in task's held-out pairs, or their responses as thumbs up/down for kto."""
+    if LOSSES[cfg.loss].unpaired:
+        return inputs.assets.thumbs_eval_file(cfg.thumbs_threshold)
+    return inputs.assets.eval_file
 
 
 def _eval_source(cfg: TrainConfig, inputs: Inputs) -> str:
@@ -78,7 +95,7 @@ def _eval_source(cfg: TrainConfig, inputs: Inputs) -> str:
     if cfg.eval_dataset:
         return cfg.eval_dataset
     if cfg.dataset is None:
-        return str(inputs.assets.eval_file)
+        return str(_builtin_eval_file(cfg, inputs))
     return f"{inputs.source} (a held-out {cfg.eval_fraction:g} of it)"
 
 
@@ -143,7 +160,10 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
     evals = _eval_pairs(cfg, inputs, tokenizer)
     if evals is None:
         train, evals = split_holdout(train, cfg.eval_fraction, cfg.seed)
-    log.info("pairs: %d train, %d eval", len(train), len(evals))
+    log.info("%s: %d train, %d eval", "examples" if train.labels is not None else "pairs",
+             len(train), len(evals))  # fmt: skip
+    if train.labels is not None:
+        cfg = balance_kto(cfg, train.labels)
 
     # 2. models; the reference scores every pair once, then only the policy stays in memory
     _start(cfg, session)
@@ -184,7 +204,7 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
     if not finished:
         return None
     summary: dict[str, Any] = {
-        "loss": cfg.loss, "beta": cfg.beta, "steps": state.step,
+        "loss": cfg.loss, "beta": cfg.beta, **loss_kwargs(cfg), "steps": state.step,
         "epochs": state.pairs_seen / len(train), "train_pairs": len(train),
         "eval_pairs": len(evals), "initial": first_eval(session.run.path), "final": eval_metrics,
         "reference_cache": ref_status,

@@ -8,7 +8,8 @@ no ``--dataset`` are given) < ``--config FILE`` < command-line flags (:func:`dir
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -16,6 +17,8 @@ import torch
 from direct_align import settings as s
 from direct_align.config import NON_NEGATIVE, POSITIVE, Setting, at_least, within
 from direct_align.losses import LOSSES
+
+log = logging.getLogger(__name__)
 
 ATTENTION = ("auto", "segments", "flash", "varlen", "sdpa", "eager")
 SEGMENT_ATTENTION = ("segments", "flash", "varlen")  # read the row's segments: packed layouts only
@@ -62,6 +65,15 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
     label_smoothing: float = LABEL_SMOOTHING.field()
     gamma: float = GAMMA.field()
     reference_free: bool = REFERENCE_FREE.field()
+    desirable_weight: float = Setting(float, 1.0, "KTO: weight λ_D of desirable examples.",
+                                      rule=POSITIVE).field()  # fmt: skip
+    undesirable_weight: float | None = Setting(
+        float, None, "KTO: weight λ_U of undesirable examples (default: n_desirable / "
+        "n_undesirable of the training data times λ_D, so both kinds weigh the same).",
+        rule=POSITIVE).field()  # fmt: skip
+    unpaired_from_pairs: bool = Setting(bool, False, "Read preference pairs as unpaired feedback "
+                                                     "for --loss kto: chosen desirable, rejected "
+                                                     "undesirable.").field()  # fmt: skip
     # --- models ------------------------------------------------------------------------------
     model: str | None = s.MODEL.field()
     ref_model: str | None = REF_MODEL.field()
@@ -119,6 +131,9 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
     # --- built-in task -----------------------------------------------------------------------
     label_noise: float = s.LABEL_NOISE.field()
     eval_prompts: int = s.EVAL_PROMPTS.field()
+    thumbs_threshold: float = Setting(float, 0.5, "Built-in task with an unpaired loss (kto): a "
+                                                  "sample is desirable when its hidden reward is "
+                                                  "above this.", rule=within(0, 1)).field()  # fmt: skip
 
     # The built-in task's tuned recipe (see docs/builtin.md); under YAML and flags.
     foreign_names: ClassVar[dict[str, str]] = s.TRL_NAMES
@@ -155,6 +170,11 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
              f"--ref-model: {self.loss} is reference-free and uses no reference"),
             (not (self.reference_free and self.ref_model is not None),
              "--ref-model and --reference-free exclude each other"),
+            (not (LOSSES[self.loss].unpaired and self.online),
+             f"--loss {self.loss} trains on unpaired feedback; --online makes pairs (use a "
+             "paired loss: dpo, ipo, ...)"),
+            (not self.unpaired_from_pairs or LOSSES[self.loss].unpaired,
+             f"--unpaired-from-pairs is for unpaired losses (kto), not --loss {self.loss}"),
         ]  # fmt: skip
 
 
@@ -204,7 +224,30 @@ def uses_reference(cfg: TrainConfig) -> bool:
     return not (LOSSES[cfg.loss].reference_free or cfg.reference_free)
 
 
+def balance_kto(cfg: TrainConfig, labels: list[bool]) -> TrainConfig:
+    """``cfg`` with KTO's undesirable weight filled in when not set: λ_U = λ_D·n_D / n_U, so that
+    desirable and undesirable examples weigh the same in the loss (Ethayarajh et al. 2024, §4
+    advise λ_D·n_D / (λ_U·n_U) in [1, 4/3]); a warning when given weights fall outside that."""
+    n_desirable = sum(labels)
+    n_undesirable = len(labels) - n_desirable
+    if not n_desirable or not n_undesirable:
+        log.warning("kto: every training example is %s; the loss has nothing to contrast "
+                    "it with", "desirable" if n_desirable else "undesirable")  # fmt: skip
+        return cfg if cfg.undesirable_weight is not None else replace(cfg, undesirable_weight=1.0)
+    if cfg.undesirable_weight is None:
+        cfg = replace(cfg, undesirable_weight=cfg.desirable_weight * n_desirable / n_undesirable)
+    ratio = cfg.desirable_weight * n_desirable / (cfg.undesirable_weight * n_undesirable)
+    log.info("kto: %d desirable, %d undesirable examples; weights %g and %.4g "
+             "(λ_D·n_D / λ_U·n_U = %.3f)", n_desirable, n_undesirable, cfg.desirable_weight,
+             cfg.undesirable_weight, ratio)  # fmt: skip
+    if not 1 - 1e-9 <= ratio <= 4 / 3 + 1e-9:
+        log.warning("kto: λ_D·n_D / λ_U·n_U = %.3f is outside [1, 4/3], the range the KTO "
+                    "paper advises; leave --undesirable-weight unset to balance it", ratio)  # fmt: skip
+    return cfg
+
+
 def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """The extra settings (label_smoothing, gamma) that the chosen loss accepts."""
-    given = {"label_smoothing": cfg.label_smoothing, "gamma": cfg.gamma}
-    return {k: v for k, v in given.items() if k in LOSSES[cfg.loss].options}
+    """The extra settings (label_smoothing, gamma, KTO's weights) that the chosen loss accepts."""
+    given = {"label_smoothing": cfg.label_smoothing, "gamma": cfg.gamma,
+             "desirable_weight": cfg.desirable_weight, "undesirable_weight": cfg.undesirable_weight}
+    return {k: v for k, v in given.items() if k in LOSSES[cfg.loss].options and v is not None}

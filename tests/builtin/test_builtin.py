@@ -101,3 +101,29 @@ def test_an_interrupted_build_leaves_no_folder_behind(tmp_path) -> None:
         (folder / "base").mkdir(parents=True)
     remove_abandoned_builds(tmp_path)
     assert not abandoned.exists() and running.is_dir()
+
+
+@pytest.mark.slow
+def test_kto_runs_on_the_task_as_thumbs_up_or_down(default_run, tmp_path) -> None:
+    """`train --loss kto` on the built-in task: its samples labelled by the hidden reward."""
+    cache, _, first = default_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "kto"
+    env = {**os.environ, "DIRECT_ALIGN_CACHE": str(cache)}
+    result = subprocess.run([sys.executable, "-m", "direct_align", "train", "--loss", "kto",
+                             "--max-steps", "40", "--eval-every", "0", "--eval-prompts", "64",
+                             "--label-noise", "0.1", "--output-dir", str(out)],
+                            env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "unpaired standard format, kept 4000 of 4000 examples" in result.stderr
+    assert "true reward of samples (hidden, ↑)" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["builtin"]["policy/true_reward"] > summary["builtin"]["reference/true_reward"] + 0.1
+    assert summary["final"]["eval/loss"] < summary["initial"]["eval/loss"]
+
+    task = next((cache / "builtin").glob("v*"))
+    candidates = [json.loads(line) for line in (task / "candidates.jsonl").open()]
+    labels = [json.loads(line)["label"] for line in (task / "thumbs-t0.500-noise0.100.jsonl").open()]
+    truth = [reward > 0.5 for row in candidates for reward in (row["reward_a"], row["reward_b"])]
+    flipped = sum(a != b for a, b in zip(labels, truth)) / len(truth)
+    assert len(labels) == len(truth) and 0.08 < flipped < 0.12

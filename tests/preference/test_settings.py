@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
 from direct_align.losses import LOSSES, preference_loss
-from direct_align.preference.settings import TrainConfig, loss_kwargs
+from direct_align.preference.settings import TrainConfig, balance_kto, loss_kwargs
 
 # ----------------------------------------------------------------------------- loss_kwargs
 
@@ -32,5 +33,16 @@ def test_loss_kwargs(loss: str, expected: dict[str, float]) -> None:
 
 
 def test_loss_kwargs_covers_every_registered_loss() -> None:
-    for name, spec in LOSSES.items():
-        assert set(loss_kwargs(TrainConfig(loss=name))) == set(spec.options)
+    for name, spec in LOSSES.items():  # (KTO's undesirable weight is unset until balanced)
+        assert set(loss_kwargs(TrainConfig(loss=name, undesirable_weight=1.0))) == set(spec.options)
+
+
+def test_kto_weights_balance_the_two_kinds_unless_given(caplog) -> None:
+    labels = [True] * 30 + [False] * 90
+    balanced = balance_kto(TrainConfig(loss="kto", desirable_weight=2.0), labels)
+    assert balanced.undesirable_weight == pytest.approx(2.0 * 30 / 90)
+    assert loss_kwargs(balanced) == {"desirable_weight": 2.0, "undesirable_weight": balanced.undesirable_weight}
+    with caplog.at_level(logging.WARNING, logger="direct_align"):
+        given = balance_kto(TrainConfig(loss="kto", undesirable_weight=1.0), labels)
+    assert given.undesirable_weight == 1.0  # given weights are kept, with a warning
+    assert "λ_D·n_D / λ_U·n_U = 0.333 is outside [1, 4/3]" in caplog.text

@@ -4,29 +4,14 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
 import torch
-from commands import TINY_RUN
+from commands import TINY_RUN, train_here
 from transformers import AutoModelForCausalLM
 
-from direct_align.cli import main
 from prefdata import rows, write_jsonl
-
-
-def train(args: list[str], cache: Path, caplog: pytest.LogCaptureFixture) -> str:
-    """`direct-align train ARGS` in this process with its own cache; returns what it logged,
-    after checking it exited cleanly."""
-    caplog.clear()
-    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO, logger="direct_align"):
-        mp.setenv("DIRECT_ALIGN_CACHE", str(cache))
-        try:
-            main(["train", *args])
-        except SystemExit as e:
-            assert e.code in (0, None), caplog.text[-3000:]
-    return caplog.text
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +35,7 @@ def summary_of(out: Path) -> dict:
 def test_each_format_trains_and_saves_a_loadable_model(fmt, data_dir, cache, tiny_model_dir, tmp_path,
                                                        caplog):  # fmt: skip
     out = tmp_path / "run"
-    log = train(["--loss", "dpo", "--model", str(tiny_model_dir), "--dataset",
+    log = train_here(["--loss", "dpo", "--model", str(tiny_model_dir), "--dataset",
                  str(data_dir / f"{fmt}.jsonl"), "--output-dir", str(out), *TINY_RUN], cache, caplog)  # fmt: skip
     expected = "conversational" if fmt == "ultrafeedback" else fmt
     assert f"{expected} format, kept 400 of 400 pairs" in log
@@ -78,7 +63,7 @@ def test_each_format_trains_and_saves_a_loadable_model(fmt, data_dir, cache, tin
 def test_each_loss_raises_held_out_accuracy(loss, data_dir, cache, tiny_model_dir, tmp_path, caplog):
     out = tmp_path / "run"
     extra = ["--label-smoothing", "0.1"] if loss == "robust" else []
-    log = train(["--loss", loss, "--model", str(tiny_model_dir), "--dataset",
+    log = train_here(["--loss", loss, "--model", str(tiny_model_dir), "--dataset",
                  str(data_dir / "standard.jsonl"), "--output-dir", str(out), *TINY_RUN, *extra],
                 cache, caplog)  # fmt: skip
     summary = summary_of(out)
@@ -95,14 +80,14 @@ def test_reference_cache_is_reused_and_recomputed_on_change(data_dir, tiny_model
     base = ["--loss", "dpo", "--model", str(tiny_model_dir), "--dataset",
             str(data_dir / "standard.jsonl"), "--max-steps", "2", "--eval-fraction", "0.15",
             "--max-length", "64"]  # fmt: skip
-    first = train([*base, "--output-dir", str(tmp_path / "a")], cache, caplog)
+    first = train_here([*base, "--output-dir", str(tmp_path / "a")], cache, caplog)
     assert first.count("scoring") == 2 and "reusing" not in first
-    second = train([*base, "--output-dir", str(tmp_path / "b")], cache, caplog)
+    second = train_here([*base, "--output-dir", str(tmp_path / "b")], cache, caplog)
     assert second.count("reusing cache") == 2 and "scoring" not in second
     assert summary_of(tmp_path / "b")["reference_cache"]["train"].startswith("reused")
     # same weights and data, other truncation: the tokens of both splits change, so both are
     # scored again (a split whose tokens did not change would rightly reuse its entry)
-    third = train([*base[:-1], "20", "--output-dir", str(tmp_path / "c")], cache, caplog)
+    third = train_here([*base[:-1], "20", "--output-dir", str(tmp_path / "c")], cache, caplog)
     assert "reference log-probs (train): scoring" in third
     assert "reference log-probs (eval): scoring" in third
     assert len(list((cache / "reference").glob("*.safetensors"))) == 4
