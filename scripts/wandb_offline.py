@@ -107,5 +107,10 @@ def read_table(run_dir: Path, run: Run, key: str) -> list[dict[str, Any]]:
 
 
 def read_runs(output_dir: Path) -> list[Run]:
-    """Every offline run under ``output_dir/wandb`` (oldest first)."""
-    return [read_run(d) for d in sorted((output_dir / "wandb").glob("offline-run-*"))]
+    """Every offline run under ``output_dir/wandb`` (oldest first). Folder names hold the start
+    time to the second only, so runs that follow each other are ordered by when their run file
+    was last written (each run writes it until it ends)."""
+    def finished(d: Path) -> int:
+        return max(f.stat().st_mtime_ns for f in d.glob("*.wandb"))
+
+    return [read_run(d) for d in sorted((output_dir / "wandb").glob("offline-run-*"), key=finished)]

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from commands import run_here
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from direct_align.builtin.build import (
@@ -104,20 +105,17 @@ def test_an_interrupted_build_leaves_no_folder_behind(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_kto_runs_on_the_task_as_thumbs_up_or_down(default_run, tmp_path) -> None:
+def test_kto_runs_on_the_task_as_thumbs_up_or_down(default_run, tmp_path, capsys) -> None:
     """`train --loss kto` on the built-in task: its samples labelled by the hidden reward."""
     cache, _, first = default_run
     assert first.returncode == 0, first.stderr[-3000:]
     out = tmp_path / "kto"
-    env = {**os.environ, "DIRECT_ALIGN_CACHE": str(cache)}
-    result = subprocess.run([sys.executable, "-m", "direct_align", "train", "--loss", "kto",
-                             "--max-steps", "40", "--eval-every", "0", "--eval-prompts", "64",
-                             "--label-noise", "0.1", "--output-dir", str(out)],
-                            env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "unpaired standard format, kept 4000 of 4000 examples" in result.stderr
-    assert "true reward of samples (hidden, ↑)" in result.stdout
+    assert run_here(["train", "--loss", "kto", "--max-steps", "30", "--eval-every", "0",
+                     "--eval-prompts", "48", "--label-noise", "0.1", "--output-dir", str(out)],
+                    cache) == 0  # fmt: skip
+    assert "true reward of samples (hidden, ↑)" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_pairs"] == 4000  # every sample of the task's 2,000 candidate pairs
     assert summary["builtin"]["policy/true_reward"] > summary["builtin"]["reference/true_reward"] + 0.1
     assert summary["final"]["eval/loss"] < summary["initial"]["eval/loss"]
 
