@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from commands import TINY_RUN, assert_ok, run_cli
+from commands import TINY_RUN, assert_ok, run_cli, run_here
 from safetensors.torch import load_file
 
 from prefdata import rows, write_jsonl
@@ -39,9 +39,10 @@ def test_resume_after_a_stop_gives_the_same_weights(data_dir, cache, tiny_model_
               str(data_dir / "standard.jsonl"), "--max-steps", "9", "--grad-accum", "2",
               *TINY_RUN]  # fmt: skip
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert_ok(run_cli([*common, "--output-dir", str(straight)], cache))
-    first = run_cli([*common, "--output-dir", str(stopped), "--max-steps-per-run", "4"], cache)
-    assert_ok(first)
+    # the uninterrupted run and the stopped one in this process (no signal involved); the
+    # resume in a real process
+    assert run_here([*common, "--output-dir", str(straight)], cache) == 0
+    assert run_here([*common, "--output-dir", str(stopped), "--max-steps-per-run", "4"], cache) == 0
     assert not (stopped / "final").exists() and (stopped / "checkpoints" / "step-000004").is_dir()
     again = run_cli([*common, "--output-dir", str(stopped), "--resume"], cache)
     assert_ok(again)
@@ -56,23 +57,6 @@ def test_resume_after_a_stop_gives_the_same_weights(data_dir, cache, tiny_model_
              if "train/loss" in line]  # fmt: skip
     assert steps == list(range(1, 10))
     assert summary_of(stopped)["steps"] == 9
-
-
-def test_wandb_offline_gets_metrics_and_config(data_dir, cache, tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    result = run_cli(["train", "--loss", "dpo", "--model", str(tiny_model_dir), "--dataset",
-                      str(data_dir / "standard.jsonl"), "--output-dir", str(out), "--max-steps",
-                      "3", "--report-to", "wandb", "--run-name", "tiny-test"], cache,
-                     WANDB_MODE="offline", WANDB_SILENT="true")  # fmt: skip
-    assert_ok(result)
-    runs = list((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    # offline runs keep config, history and summary as records in one .wandb file; the keys are
-    # stored as plain strings in it
-    records = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for key in (b"learning_rate", b"tiny-test", b"train/loss", b"train/rewards/margins",
-                b"eval/rewards/accuracies", b"perf/tokens_per_s"):
-        assert key in records, key
 
 
 def test_python_module_and_help(cache):
