@@ -32,15 +32,9 @@ from accelerate import Accelerator
 from transformers import PreTrainedModel
 
 from direct_align.engine.distributed import my_share, sum_across
-from direct_align.engine.loop import (
-    Forward,
-    Loop,
-    accumulate,
-    clipped_step,
-    make_optimizer,
-    prepare,
-)
+from direct_align.engine.loop import Loop
 from direct_align.engine.session import Session
+from direct_align.engine.step import Forward, accumulate, clipped_step, make_optimizer, prepare
 from direct_align.engine.tracking import peak_memory_gb
 from direct_align.ppo.core import (
     KLController,

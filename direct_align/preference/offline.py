@@ -20,16 +20,9 @@ from direct_align.data import PairDataset
 from direct_align.data.batching import Batcher
 from direct_align.data.packing import build_batch
 from direct_align.engine.distributed import even_share
-from direct_align.engine.loop import (
-    EpochState,
-    Forward,
-    Loop,
-    accumulate,
-    clipped_step,
-    make_optimizer,
-    prepare,
-)
+from direct_align.engine.loop import EpochState, Loop
 from direct_align.engine.session import Session
+from direct_align.engine.step import Forward, accumulate, clipped_step, make_optimizer, prepare
 from direct_align.losses import preference_loss
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.preference.evaluate import Probe, eval_metrics

@@ -36,8 +36,9 @@ import torch
 from direct_align.data import PairDataset, fit_pair
 from direct_align.data.batching import Batcher
 from direct_align.data.prompts import Prompts
-from direct_align.engine.loop import Loop, make_optimizer, prepare
+from direct_align.engine.loop import Loop
 from direct_align.engine.session import Session
+from direct_align.engine.step import make_optimizer, prepare
 from direct_align.generation import sample_and_judge
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import AdaptersOff

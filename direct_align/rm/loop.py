@@ -17,16 +17,9 @@ from transformers import PreTrainedModel
 from direct_align.data import PairDataset, collate_pairs
 from direct_align.data.batching import Batcher
 from direct_align.engine.distributed import even_share
-from direct_align.engine.loop import (
-    EpochState,
-    Forward,
-    Loop,
-    accumulate,
-    clipped_step,
-    make_optimizer,
-    prepare,
-)
+from direct_align.engine.loop import EpochState, Loop
 from direct_align.engine.session import Session
+from direct_align.engine.step import Forward, accumulate, clipped_step, make_optimizer, prepare
 from direct_align.rm.evaluate import RewardEval, evaluate_rm
 from direct_align.rm.loss import bradley_terry_loss
 from direct_align.rm.model import pair_rewards

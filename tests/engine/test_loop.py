@@ -21,8 +21,9 @@ from transformers import PreTrainedTokenizerFast
 from conftest import make_tiny_model
 from direct_align.data import PairDataset
 from direct_align.data.packing import build_batch
-from direct_align.engine.loop import Forward, Loop, NonFinite, accumulate, make_optimizer
-from direct_align.errors import DirectAlignError, Interrupted
+from direct_align.engine.loop import Loop
+from direct_align.engine.step import Forward, accumulate, make_optimizer
+from direct_align.errors import DirectAlignError, Interrupted, NonFinite
 from direct_align.losses import preference_loss
 from direct_align.models.attention import use_segment_attention
 from direct_align.models.logprobs import PreferenceModel

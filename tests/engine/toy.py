@@ -13,15 +13,9 @@ from torch import nn
 from direct_align import settings as s
 from direct_align.config import Setting
 from direct_align.engine.distributed import even_share
-from direct_align.engine.loop import (
-    Forward,
-    Loop,
-    accumulate,
-    clipped_step,
-    make_optimizer,
-    prepare,
-)
+from direct_align.engine.loop import Loop
 from direct_align.engine.session import Session
+from direct_align.engine.step import Forward, accumulate, clipped_step, make_optimizer, prepare
 
 
 @dataclass
