@@ -173,6 +173,9 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
             (not (LOSSES[self.loss].unpaired and self.online),
              f"--loss {self.loss} trains on unpaired feedback; --online makes pairs (use a "
              "paired loss: dpo, ipo, ...)"),
+            (not (LOSSES[self.loss].unpaired and self.reference_free),
+             f"--reference-free: --loss {self.loss} measures each completion against the "
+             "reference (its reward is a log-ratio) and needs one"),
             (not self.unpaired_from_pairs or LOSSES[self.loss].unpaired,
              f"--unpaired-from-pairs is for unpaired losses (kto), not --loss {self.loss}"),
         ]  # fmt: skip
