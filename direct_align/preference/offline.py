@@ -25,7 +25,7 @@ from direct_align.engine.session import Session
 from direct_align.engine.step import Forward, accumulate, clipped_step, make_optimizer, prepare
 from direct_align.losses import preference_loss
 from direct_align.models.logprobs import PreferenceModel
-from direct_align.preference.evaluate import Probe, eval_metrics
+from direct_align.preference.evaluate import Probe, held_out_evaluation
 from direct_align.preference.reference import ReferenceLogps
 from direct_align.preference.settings import TrainConfig, loss_kwargs
 
@@ -76,7 +76,7 @@ def fit(policy: PreferenceModel, train: PairDataset, evals: PairDataset, refs: R
     :class:`~direct_align.errors.Interrupted` after saving a checkpoint on SIGTERM/SIGINT, and
     DirectAlignError on a non-finite loss, before it reaches the weights.
     """
-    accelerator, tracker = session.accelerator, session.tracker
+    accelerator = session.accelerator
     batcher = Batcher(train, batch_size=cfg.batch_size, seed=cfg.seed, layout=cfg.layout,
                       max_tokens=cfg.max_tokens_per_batch)  # fmt: skip
     total = batcher.total_steps(cfg.epochs, cfg.grad_accum, cfg.max_steps)
@@ -92,16 +92,8 @@ def fit(policy: PreferenceModel, train: PairDataset, evals: PairDataset, refs: R
     loop.resume(load_kwargs)
     state = loop.state
 
-    def evaluate() -> dict[str, float]:
-        metrics = eval_metrics(model, evals, ref_eval, cfg=cfg, accelerator=accelerator,
-                               pad_token_id=pad_token_id)  # fmt: skip
-        loop.check_eval(metrics["eval/loss"])
-        if loop.finished:  # the final evaluation: a stop signal now leaves a checkpoint first
-            loop.stop_if_requested(f"at step {state.step}, during the final evaluation")
-        elif probe is not None and state.step > 0 and session.main:
-            metrics |= probe(accelerator.unwrap_model(model).model, state.step)
-        tracker.log(metrics, state.step)
-        return metrics
+    evaluate = held_out_evaluation(loop, model, evals, ref_eval, cfg=cfg, session=session,
+                                   pad_token_id=pad_token_id, probe=probe)  # fmt: skip
 
     eval_metrics_now = evaluate() if state.step == 0 else {}
     groups = batcher.step_groups(cfg.grad_accum, state)

@@ -42,7 +42,7 @@ from direct_align.engine.step import make_optimizer, prepare
 from direct_align.generation import sample_and_judge
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import AdaptersOff
-from direct_align.preference.evaluate import Probe, eval_metrics
+from direct_align.preference.evaluate import Probe, held_out_evaluation
 from direct_align.preference.offline import train_step
 from direct_align.preference.reference import ReferenceLogps, score_shared
 from direct_align.preference.settings import TrainConfig
@@ -163,18 +163,8 @@ def fit_online(
     state = loop.state
     eval_batch = cfg.eval_batch_size or 2 * cfg.batch_size
 
-    def evaluate() -> dict[str, float]:
-        if evals is None:
-            return {}
-        metrics = eval_metrics(model, evals, ref_eval, cfg=cfg, accelerator=accelerator,
-                               pad_token_id=pad)  # fmt: skip
-        loop.check_eval(metrics["eval/loss"])
-        if loop.finished:  # the final evaluation: a stop signal now leaves a checkpoint first
-            loop.stop_if_requested(f"at step {state.step}, during the final evaluation")
-        elif probe is not None and state.step > 0 and session.main:
-            metrics |= probe(accelerator.unwrap_model(model).model, state.step)
-        tracker.log(metrics, state.step)
-        return metrics
+    evaluate = held_out_evaluation(loop, model, evals, ref_eval, cfg=cfg, session=session,
+                                   pad_token_id=pad, probe=probe)  # fmt: skip
 
     eval_now = evaluate() if state.round == 0 else {}
     k = cfg.samples_per_prompt

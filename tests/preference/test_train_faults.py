@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import direct_align.models.lora as lora
-import direct_align.preference.offline as offline
+import direct_align.preference.evaluate as evaluate
 import direct_align.preference.reference as reference
 from direct_align.cli import main
 from prefdata import rows, write_jsonl
@@ -92,7 +92,7 @@ def test_a_signal_during_the_reference_pass_leaves_a_run_to_resume(
 def test_a_signal_during_the_final_evaluation_checkpoints_the_last_step(
         tiny_model_dir, data, tmp_path, monkeypatch, capsys, uninterrupted) -> None:  # fmt: skip
     out, cache = tmp_path / "run", tmp_path / "cache"
-    stop_on_call(monkeypatch, offline, "eval_metrics", nth=2)  # step 0, then the final one
+    stop_on_call(monkeypatch, evaluate, "eval_metrics", nth=2)  # step 0, then the final one
     assert train(tiny_model_dir, data, out, cache) == 143
     assert "at step 6, during the final evaluation; checkpoint saved" in one_error(capsys)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000006"]
