@@ -170,9 +170,15 @@ def generation_report(
     seed: int = 0,
     batch_size: int = 64,
     rows: int = 0,
+    proxy: Callable[[list[str], list[str]], torch.Tensor] | None = None,
+    reference_cache: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """True reward of the reference's and the policy's samples on ``prompts``, and KL; and the
-    first ``rows`` prompts with both samples, their rewards and the policy sample's KL.
+    first ``rows`` prompts with both samples, their rewards and the policy sample's KL. With a
+    ``proxy`` judge ((prompts, responses) → rewards ``[N]``, e.g. a reward model), also its mean
+    score of each model's samples (``{name}/proxy_reward``). ``reference_cache``: a dict kept
+    by the caller between reports of the same reference, prompts and seed; the reference's
+    samples, identical each time, are drawn and scored once into it.
 
     KL(policy‖reference) is the sequence-level Monte-Carlo estimate used in the DPO paper's
     reward/KL frontier: the mean over policy samples y of log π(y|x) − log π_ref(y|x), in nats.
@@ -184,11 +190,20 @@ def generation_report(
     texts: dict[str, list[str]] = {}
     rewards: dict[str, list[float]] = {}
     for name, model in (("reference", reference), ("policy", policy)):
+        if name == "reference" and reference_cache:
+            texts[name], rewards[name] = reference_cache["texts"], reference_cache["rewards"]
+            report |= reference_cache["report"]
+            continue
         responses = sample(model, prompt_ids, **common)
         texts[name] = tokenizer.batch_decode(responses, skip_special_tokens=True)
         rewards[name] = [reward(t) for t in texts[name]]
         report[f"{name}/true_reward"] = mean(rewards[name])
+        if proxy is not None:
+            report[f"{name}/proxy_reward"] = proxy(list(prompts), texts[name]).float().mean().item()
         report[f"{name}/response_tokens"] = float(mean(map(len, responses)))
+        if name == "reference" and reference_cache is not None:
+            reference_cache |= {"texts": texts[name], "rewards": rewards[name],
+                                "report": dict(report)}  # fmt: skip
     pad = tokenizer.pad_token_id
     logp_policy = score_responses(policy, prompt_ids, responses, pad_token_id=pad)
     logp_ref = score_responses(reference, prompt_ids, responses, pad_token_id=pad)

@@ -244,7 +244,7 @@ def preference_loss(name: str, *, chosen_logps: Tensor, rejected_logps: Tensor,
                     ref_chosen_logps: Tensor | None = None,
                     ref_rejected_logps: Tensor | None = None,
                     chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
-                    beta: float = 0.1, labels: Tensor | None = None,
+                    beta: float = 0.1, labels: Tensor | None = None, rpo_alpha: float = 0.0,
                     **kwargs: float) -> tuple[Tensor, dict[str, float]]:
     """Compute the preference loss ``name`` on a batch of log-prob sums.
 
@@ -253,7 +253,11 @@ def preference_loss(name: str, *, chosen_logps: Tensor, rejected_logps: Tensor,
     (the reference is fixed); if both are None the reference terms are 0 (reference-free DPO for
     the DPO family), and orpo/simpo ignore them. ``labels`` [batch] (bool): for unpaired losses
     (kto), whether each example's completion is desirable; its "rejected" sums are those of a
-    mismatched completion. Returns the scalar float32 batch-mean loss and
+    mismatched completion. ``rpo_alpha`` > 0 adds that weight times the chosen response's
+    per-token NLL, -chosen_logps / chosen_lengths, to each pair's loss (RPO: Pang et al. 2024,
+    *Iterative Reasoning Preference Optimization*, eq. 1), which keeps the chosen responses
+    likely while the margin grows; it needs ``chosen_lengths``. Returns the scalar float32
+    batch-mean loss and
     python-float metrics: rewards/{chosen,rejected,margins,accuracies}, logps/{chosen,rejected}
     (means of the given sums) and any loss-specific extras.
     """
@@ -270,6 +274,8 @@ def preference_loss(name: str, *, chosen_logps: Tensor, rejected_logps: Tensor,
         raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
     if spec.needs_lengths and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"loss {name!r} needs chosen_lengths and rejected_lengths")
+    if rpo_alpha and (spec.unpaired or chosen_lengths is None):
+        raise ValueError(f"loss {name!r}: rpo_alpha needs pairs and chosen_lengths")
     if spec.unpaired != (labels is not None):
         raise ValueError(f"loss {name!r} " + ("needs labels (unpaired examples)" if spec.unpaired
                                              else "takes pairs, not labels"))  # fmt: skip
@@ -298,6 +304,10 @@ def preference_loss(name: str, *, chosen_logps: Tensor, rejected_logps: Tensor,
     params = inspect.signature(spec.fn).parameters
     losses, chosen_rewards, rejected_rewards, extras = spec.fn(
         **{k: v for k, v in args.items() if k in params}, **kwargs)
+    if rpo_alpha:
+        nll = -chosen / _as_batch(chosen_lengths, "chosen_lengths", chosen)
+        losses = losses + rpo_alpha * nll
+        extras = {**extras, "rpo_nll": nll.detach()}
     loss = losses.mean()
 
     with torch.no_grad():

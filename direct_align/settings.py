@@ -102,6 +102,11 @@ TEMPERATURE = Setting(float, 1.0, "Sampling temperature.", rule=POSITIVE)
 # --- the built-in task ---------------------------------------------------------------------------
 LABEL_NOISE = Setting(float, 0.0, "Built-in task: share of preference labels flipped.",
                       rule=within(0, 0.5))  # fmt: skip
+TRAIN_PAIRS = Setting(int, 0, "Built-in task: learn from a random N of its pairs (0: all); the "
+                      "same N for every seed.", rule=at_least(0))  # fmt: skip
+EVAL_REWARD_MODEL = Setting(str, None, "Built-in task: also score the held-out samples with "
+                            "this reward model (eval/policy/proxy_reward), to see a proxy "
+                            "reward over-optimised.")  # fmt: skip
 EVAL_PROMPTS = Setting(int, 128, "Built-in task: held-out prompts sampled for the reward table.",
                        rule=at_least(1))  # fmt: skip
 
@@ -250,7 +255,20 @@ def run_checks(cfg: Any) -> list[tuple[bool, str]]:
          "HF_HUB_OFFLINE set; unset it, or push final/ later with `hf upload`"),
         (not (getattr(cfg, "wandb_log_model", False) and cfg.report_to != "wandb"),
          "--wandb-log-model needs --report-to wandb"),
+        *eval_reward_model_checks(cfg),
     ]  # fmt: skip
+
+
+def eval_reward_model_checks(cfg: Any) -> list[tuple[bool, str]]:
+    """``--eval-reward-model`` is a reward-model directory, used on the built-in task only."""
+    path = getattr(cfg, "eval_reward_model", None)
+    if path is None:
+        return []
+    return [(getattr(cfg, "dataset", None) is None,
+             "--eval-reward-model scores the built-in task's held-out samples; it needs no "
+             "--dataset"),
+            ((Path(path).expanduser() / "config.json").is_file(),
+             f"--eval-reward-model '{path}': not a reward-model directory (no config.json)")]  # fmt: skip
 
 
 def tracker_checks(cfg: Any) -> list[tuple[bool, str]]:

@@ -166,6 +166,25 @@ def test_generation_report_of_a_model_against_itself(
     )
 
 
+def test_generation_report_scores_both_models_samples_with_a_proxy_judge(
+    tiny_tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    policy, reference = eos_prone_model(tiny_tokenizer, seed=6), eos_prone_model(tiny_tokenizer, seed=7)
+    prompts = sample_prompts(5, seed=8)
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def proxy(batch_prompts: list[str], responses: list[str]) -> torch.Tensor:
+        seen.append((batch_prompts, responses))
+        return torch.tensor([float(r.count("a")) for r in responses])
+
+    report, _ = generation_report(policy, reference, tiny_tokenizer, prompts, reward=len,
+                                  max_new_tokens=8, seed=3, proxy=proxy)  # fmt: skip
+    assert [s[0] for s in seen] == [list(prompts)] * 2  # the reference's samples, then the policy's
+    for (_, texts), name in zip(seen, ("reference", "policy"), strict=True):
+        assert report[f"{name}/proxy_reward"] == pytest.approx(sum(t.count("a") for t in texts) / 5)
+        assert report[f"{name}/true_reward"] == pytest.approx(sum(map(len, texts)) / 5)
+
+
 def test_generation_report_kl_is_measured_on_policy_samples(
     tiny_tokenizer: PreTrainedTokenizerFast,
 ) -> None:

@@ -93,6 +93,22 @@ def test_reference_free_dpo() -> None:
     assert m["rewards/rejected"] == pytest.approx(-7.0)
 
 
+def test_rpo_adds_the_chosen_per_token_nll() -> None:
+    # EX: DPO softplus(-1.5); chosen sum -10 over 5 tokens -> NLL 2; alpha 0.5 adds 1.0
+    lengths = {"chosen_lengths": t(5.0), "rejected_lengths": t(7.0)}
+    loss, m = preference_loss("dpo", **EX, **lengths, rpo_alpha=0.5)
+    assert loss.item() == pytest.approx(softplus(-1.5) + 1.0, rel=1e-6)
+    assert m["rpo_nll"] == pytest.approx(2.0)
+    assert m["rewards/margins"] == pytest.approx(1.5)  # the implicit rewards are DPO's
+    chosen = t(-10.0).requires_grad_()
+    preference_loss("dpo", **{**EX, "chosen_logps": chosen}, **lengths, rpo_alpha=0.5)[0].backward()
+    # d/dc [softplus(-beta (c - r - ref))] = -beta sigma(-1.5); d/dc [0.5 * -c / 5] = -0.1
+    sigma = 1 / (1 + math.exp(1.5))
+    assert chosen.grad.item() == pytest.approx(-0.5 * sigma - 0.1, rel=1e-5)
+    with pytest.raises(ValueError, match="rpo_alpha needs pairs and chosen_lengths"):
+        preference_loss("dpo", **EX, rpo_alpha=0.5)
+
+
 @pytest.mark.parametrize(("beta", "expected"), [(0.1, 0.5), (0.2, 0.0), (0.4, 0.0)])
 def test_hinge(beta: float, expected: float) -> None:
     # No refs, h = -3 - (-8) = 5: beta = 0.1 -> max(0, 1 - 0.5) = 0.5;

@@ -70,13 +70,19 @@ class BuiltinAssets:
     eval_file: Path
     prompts_file: Path
 
-    def train_file(self, label_noise: float) -> Path:
-        """Training pairs with ``label_noise`` of the labels flipped (written on first use)."""
-        path = self.root / f"train-noise{label_noise:.3f}.jsonl"
+    def train_file(self, label_noise: float, pairs: int = 0) -> Path:
+        """Training pairs with ``label_noise`` of the labels flipped, and with ``pairs`` > 0 only
+        a random ``pairs`` of them, the same ones for every seed (written on first use)."""
+        subset = f"-n{pairs}" if pairs else ""
+        path = self.root / f"train-noise{label_noise:.3f}{subset}.jsonl"
         if not path.exists():
             rows = [json.loads(line) for line in (self.root / "candidates.jsonl").open()]
             rng = random.Random(f"label-noise-{label_noise}")
             labelled = [_label(row, flip=rng.random() < label_noise) for row in rows]
+            if pairs:
+                keep = sorted(random.Random(f"subset-{pairs}").sample(range(len(labelled)),
+                                                                      min(pairs, len(labelled))))  # fmt: skip
+                labelled = [labelled[i] for i in keep]
             _write_jsonl(path, labelled)
         return path
 

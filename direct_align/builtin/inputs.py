@@ -28,7 +28,7 @@ def _unpaired(cfg: Any) -> bool:
 
 def resolve_inputs(cfg: Any) -> Inputs:
     """The inputs of a run whose settings have ``cache_dir``, ``model`` and ``dataset`` (and
-    optionally ``label_noise``); the built-in task (built once into the cache) fills in
+    optionally ``label_noise`` and ``train_pairs``); the built-in task (built once into the cache) fills in
     whatever was not given: its pairs, or with an unpaired loss its samples labelled by
     ``thumbs_threshold``."""
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
@@ -40,5 +40,5 @@ def resolve_inputs(cfg: Any) -> Inputs:
     if cfg.dataset is None and _unpaired(cfg):  # thumbs up or down on the task's samples
         source = str(assets.thumbs_file(cfg.thumbs_threshold, noise))
     else:
-        source = cfg.dataset or str(assets.train_file(noise))
+        source = cfg.dataset or str(assets.train_file(noise, getattr(cfg, "train_pairs", 0)))
     return Inputs(cache_dir, model_path, source, assets)

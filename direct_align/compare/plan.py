@@ -5,6 +5,14 @@ hand. All runs start from the same base model (the SFT stage of the built-in tas
 the same 2,000 preference pairs. PPO and online DPO learn from them through a reward model,
 trained once and shared by those runs (its time is charged to each of their pipelines); online
 DPO uses it as its judge, so it sees no more information than PPO.
+
+Every run is evaluated on the held-out prompts at its start and a few times along training (the
+``--eval-every`` of its stage), so each contributes a curve of (KL, true reward) points.
+
+The ``proxy`` task is the built-in task with a wrong reward model: it and the offline losses
+learn from a small random subset of the pairs with a share of the labels flipped
+(:data:`PROXY_PAIRS`, :data:`PROXY_NOISE`); PPO and online DPO optimise that reward model, and
+every run is scored by the hidden (gold) reward and by the reward model (the proxy).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ class Method:
     """One point of the comparison: a method at one strength, as the stages that produce it."""
 
     name: str  # a unique run name, e.g. "dpo-b0.1"
-    method: str  # "dpo", "ipo", "orpo", "simpo", "ppo", "online-dpo"
+    method: str  # "dpo", "ipo", "orpo", "simpo", "ppo", "online-dpo", "online-rpo"
     strength: str  # the parameter varied, e.g. "β" or "KL coef"
     value: float
     stages: tuple[Stage, ...] = field(default_factory=tuple)
@@ -37,50 +45,79 @@ OFFLINE = [("dpo", "β", "--beta", (0.03, 0.1, 0.3, 1.0)),
            ("ipo", "β", "--beta", (0.1, 0.5, 2.0)),
            ("orpo", "λ", "--beta", (0.1, 0.5, 1.0)),
            ("simpo", "β", "--beta", (1.0, 2.0, 5.0))]  # fmt: skip
+# on the proxy task, also the losses built for flipped labels, told the true flip rate: robust
+# DPO (Chowdhury et al. 2024) and conservative DPO (dpo --label-smoothing; Mitchell 2023)
+NOISE_AWARE = [("robust", "robust", (0.1, 0.3)), ("cdpo", "dpo", (0.1, 0.3))]
 PPO_KL = (0.02, 0.05, 0.2)
-ONLINE_BETA = (0.1, 0.3)  # online DPO, judged by the same reward model as PPO
+# online DPO, judged by the same reward model as PPO: plain, and with an NLL term on the chosen
+# response (RPO, --rpo-alpha), the best of the variants in docs/comparison.md; quick: the first
+ONLINE = [("online-dpo", (0.1, 0.3), ()),
+          ("online-rpo", (0.3, 1.0), ("--rpo-alpha", "1.0"))]  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How long each method trains; quick mode is for tests and a first look."""
+    """How long each method trains, and how often it is evaluated along the way; quick mode is
+    for tests and a first look."""
 
     offline_steps: int | None  # None: the built-in preset (2 epochs over the pairs)
     rm_steps: int | None  # None: the reward model's built-in preset (3 epochs)
     ppo_rollouts: int  # of 64 responses each
     online_rounds: int  # of 64 prompts × 4 responses each, 4 epochs over the round's pairs
     eval_prompts: int
+    eval_every: tuple[int, int, int]  # offline steps, PPO rollouts, online steps (8 a round)
 
 
-FULL = Budget(offline_steps=None, rm_steps=None, ppo_rollouts=40, online_rounds=10, eval_prompts=128)
-QUICK = Budget(offline_steps=30, rm_steps=60, ppo_rollouts=10, online_rounds=4, eval_prompts=64)
+FULL = Budget(offline_steps=None, rm_steps=None, ppo_rollouts=40, online_rounds=10,
+              eval_prompts=128, eval_every=(25, 8, 16))  # fmt: skip
+QUICK = Budget(offline_steps=20, rm_steps=40, ppo_rollouts=6, online_rounds=3, eval_prompts=48,
+               eval_every=(10, 3, 12))  # fmt: skip
+TASKS = ("builtin", "proxy")
+PROXY_PAIRS = 200  # the proxy task's reward model and offline losses see this many pairs
+PROXY_NOISE = 0.25  # of which this share have their labels flipped
+PROXY_EPOCHS = 8  # over so few pairs, the reward model and offline losses train for longer
 
 
-def plan(quick: bool, seed: int) -> tuple[Stage, list[Method]]:
-    """(the shared reward-model stage, every method's run) for a full or quick comparison."""
+def plan(quick: bool, seed: int, task: str = "builtin") -> tuple[Stage, list[Method]]:
+    """(the shared reward-model stage, every method's run) for a full or quick comparison of
+    one seed on ``task``."""
     budget = QUICK if quick else FULL
+    every_offline, every_ppo, every_online = (str(n) for n in budget.eval_every)
+    data: tuple[str, ...] = ()
+    if task == "proxy":
+        data = ("--train-pairs", str(PROXY_PAIRS), "--label-noise", str(PROXY_NOISE))
+        every_offline = str(budget.eval_every[0] // 2)
+        if budget.offline_steps is None:
+            data += ("--epochs", str(PROXY_EPOCHS))
     common = ("--seed", str(seed), "--eval-prompts", str(budget.eval_prompts))
-    rm_args = ("--seed", str(seed))
+    rm_args = ("--seed", str(seed), *data)
     if budget.rm_steps is not None:
         rm_args += ("--max-steps", str(budget.rm_steps))
     reward_model = Stage("reward_model", "train-rm", rm_args)
     methods: list[Method] = []
-    for loss, strength, flag, values in OFFLINE:
+    offline = [(loss, loss, strength, flag, values, ()) for loss, strength, flag, values in OFFLINE]
+    if task == "proxy":
+        smoothing = ("--label-smoothing", str(PROXY_NOISE))
+        offline += [(name, loss, "β", "--beta", values, smoothing)
+                    for name, loss, values in NOISE_AWARE]  # fmt: skip
+    for name, loss, strength, flag, values, extra in offline:
         for value in values[len(values) // 2 : len(values) // 2 + 1] if quick else values:
-            args = ("--loss", loss, flag, str(value), "--eval-every", "0", *common)
+            args = ("--loss", loss, flag, str(value), *extra, "--eval-every", every_offline, *data,
+                    *common)  # fmt: skip
             if budget.offline_steps is not None:
                 args += ("--max-steps", str(budget.offline_steps))
-            methods.append(Method(f"{loss}-{value:g}", loss, strength, value,
+            methods.append(Method(f"{name}-{value:g}", name, strength, value,
                                   (Stage("train", "train", args),)))  # fmt: skip
     for kl in PPO_KL[1:2] if quick else PPO_KL:
-        args = ("--kl-coef", str(kl), "--rollouts", str(budget.ppo_rollouts), "--eval-every", "0",
-                *common)  # fmt: skip
+        args = ("--kl-coef", str(kl), "--rollouts", str(budget.ppo_rollouts), "--eval-every",
+                every_ppo, *common)  # fmt: skip
         methods.append(Method(f"ppo-{kl:g}", "ppo", "KL coef", kl,
                               (reward_model, Stage("ppo", "ppo", args))))  # fmt: skip
-    for beta in ONLINE_BETA[:1] if quick else ONLINE_BETA:
-        args = ("--loss", "dpo", "--beta", str(beta), "--online", "--rounds",
-                str(budget.online_rounds), "--prompts-per-round", "64", "--samples-per-prompt", "4",
-                "--epochs", "4", "--eval-every", "0", *common)  # fmt: skip
-        methods.append(Method(f"online-dpo-{beta:g}", "online-dpo", "β", beta,
-                              (reward_model, Stage("online", "train", args))))  # fmt: skip
+    for name, betas, extra in ONLINE[:1] if quick else ONLINE:
+        for beta in betas[:1] if quick else betas:
+            args = ("--loss", "dpo", "--beta", str(beta), "--online", "--rounds",
+                    str(budget.online_rounds), "--prompts-per-round", "64", "--samples-per-prompt",
+                    "4", "--epochs", "4", *extra, "--eval-every", every_online, *common)  # fmt: skip
+            methods.append(Method(f"{name}-{beta:g}", name, "β", beta,
+                                  (reward_model, Stage("online", "train", args))))  # fmt: skip
     return reward_model, methods

@@ -1,8 +1,12 @@
-"""The comparison as a Markdown table (what `direct-align compare` prints)."""
+"""The comparison as Markdown tables (what `direct-align compare` prints): every run, or with
+several seeds every method and strength as mean ± std; then each method's headline."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from direct_align.compare.frontier import MATCHED_KL, aggregate, headline
 
 
 def _last(by_stage: dict[str, float]) -> float:
@@ -10,20 +14,74 @@ def _last(by_stage: dict[str, float]) -> float:
     return list(by_stage.values())[-1]
 
 
-def markdown_table(result: dict[str, Any]) -> str:
-    """One row per run: reward, KL, time per stage, peak memory, models held, tokens sampled."""
+def _pm(value: tuple[float, float] | list[float], digits: int) -> str:
+    mean, std = value
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _runs_table(result: dict[str, Any]) -> list[str]:
+    """One row per run (one seed): reward, KL, time per stage, peak memory, models, tokens."""
+    proxy = all("proxy_reward" in r for r in result["rows"])
     lines = [
-        "| run | true reward | KL, nats | wall time, s (stages) | peak RSS of its training, MB (above start) | models in memory "
+        "| run | true reward | " + ("proxy reward | " if proxy else "") + "KL, nats "
+        "| wall time, s (stages; evaluation) | peak RSS of its training, MB (above start) | models in memory "
         "| tokens generated |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|" + ("---|" if proxy else "") + "---|---|---|---|---|",
     ]
     for r in result["rows"]:
         stages = " + ".join(f"{name.replace('_', ' ')} {s:.0f}" for name, s in r["wall_s"].items())
-        lines.append(f"| {r['method']} {r['strength']}={r['value']:g} | {r['true_reward']:.3f} "
-                     f"| {r['kl']:.2f} | {r['total_wall_s']:.0f} ({stages}) | {_last(r['peak_rss_mb']):.0f} ({_last(r['peak_above_start_mb']):.0f}) "
+        stages += f"; evaluation {r.get('eval_s', 0):.0f}"
+        extra = f" {r['proxy_reward']:.3f} |" if proxy else ""
+        lines.append(f"| {r['method']} {r['strength']}={r['value']:g} | {r['true_reward']:.3f} |{extra} "
+                     f"{r['kl']:.2f} | {r['total_wall_s']:.0f} ({stages}) | {_last(r['peak_rss_mb']):.0f} ({_last(r['peak_above_start_mb']):.0f}) "
                      f"| {r['models_in_memory']} | {r['tokens_generated']} |")  # fmt: skip
-    if rm := result.get("reward_model"):
-        lines.append(f"\nreward model stage (train-rm, shared by PPO and online DPO): {rm['wall_s']:.0f} s, "
+    return lines
+
+
+def _seeds_table(result: dict[str, Any]) -> list[str]:
+    """One row per method and strength, mean ± std over seeds, with the best true reward along
+    training and the KL where it was reached."""
+    runs = result.get("runs") or aggregate(result["rows"])
+    proxy = all("proxy_reward" in r for r in runs)
+    lines = [
+        f"| run | final true reward | {'final proxy reward | ' if proxy else ''}final KL, nats "
+        "| best true reward along training | KL at best, nats | wall time without evaluation, s "
+        "| peak RSS, MB |",
+        "|---|---|" + ("---|" if proxy else "") + "---|---|---|---|---|",
+    ]
+    for r in runs:
+        extra = f" {_pm(r['proxy_reward'], 3)} |" if proxy else ""
+        lines.append(f"| {r['method']} {r['strength']}={r['value']:g} | {_pm(r['true_reward'], 3)} |{extra} "
+                     f"{_pm(r['kl'], 2)} | {_pm(r['peak_true_reward'], 3)} | {_pm(r['kl_at_peak'], 2)} "
+                     f"| {_pm(r['cost_wall_s'], 0)} | {_pm(r['peak_rss_mb'], 0)} |")  # fmt: skip
+    return lines
+
+
+def headline_table(result: dict[str, Any]) -> list[str]:
+    """Per method: true reward on its upper frontier at each matched KL (mean ± std over seeds),
+    and the mean wall time and the peak memory of one run of its pipeline."""
+    entries = result.get("headline") or headline(result["rows"])
+    budgets = " | ".join(f"true reward at KL {k:g}" for k in MATCHED_KL)
+    lines = [f"| method | {budgets} | wall time of one run (evaluations excluded), s | peak RSS, MB | seeds |",
+             "|---|" + "---|" * len(MATCHED_KL) + "---|---|---|"]  # fmt: skip
+    for h in entries:
+        at = " | ".join(_pm(h[f"reward_at_{k:g}"], 3) for k in MATCHED_KL)
+        lines.append(f"| {h['method']} | {at} | {_pm(h['wall_s'], 0)} | {h['peak_rss_mb']:.0f} "
+                     f"| {h['seeds']} |")  # fmt: skip
+    return lines
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The runs (or with several seeds their means), the headline, the reward model, the reference."""
+    several = len(result.get("seeds", [result.get("seed")])) > 1
+    lines = _seeds_table(result) if several else _runs_table(result)
+    lines += ["", "headline: true reward on each method's upper frontier (all its strengths and "
+              "evaluations along training) at matched KL", "", *headline_table(result)]  # fmt: skip
+    for rm in result.get("reward_models") or ([result["reward_model"]] if result.get("reward_model") else []):
+        seed = f" (seed {rm['seed']})" if several and "seed" in rm else ""
+        lines.append(f"\nreward model stage{seed} (train-rm, shared by PPO and online DPO): {rm['wall_s']:.0f} s, "
                      f"peak RSS {rm['peak_rss_mb']:.0f} MB ({rm['peak_above_start_mb']:.0f} above start), "
                      f"held-out pair accuracy {rm['eval']['eval/rewards/accuracies']:.3f}")  # fmt: skip
     reference = result["rows"][0]["reference_true_reward"] if result["rows"] else float("nan")

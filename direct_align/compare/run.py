@@ -1,8 +1,10 @@
 """`direct-align compare`: the PPO pipeline against the direct losses on the built-in task.
 
-Writes ``OUTPUT_DIR/comparison.json`` (one row per method and strength, with the commands that
-produced it), three plots (``frontier.png``, ``reward_vs_time.png``, ``memory.png``) and the run
-directories of every stage under ``OUTPUT_DIR/runs``.
+Writes ``OUTPUT_DIR/comparison.json`` (one row per method, strength and seed, with the commands
+that produced it and its evaluations along training; the per-run means ± std over seeds; each
+method's headline: true reward at matched KL), the plots (``frontier.png``,
+``reward_vs_time.png``, ``memory.png``, and on the proxy task ``overoptimisation.png``) and the
+run directories of every stage under ``OUTPUT_DIR/runs`` (``runs/seed-N/`` with several seeds).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import torch
 
 from direct_align.builtin.build import BuiltinSpec, default_cache_dir, ensure_builtin
 from direct_align.compare.execute import StageResult, run_cache, run_stage
-from direct_align.compare.plan import Method, plan
+from direct_align.compare.frontier import aggregate, headline
+from direct_align.compare.plan import Method, Stage, plan
 from direct_align.compare.settings import CompareConfig
 from direct_align.engine.outputs import RunDir
+from direct_align.engine.tracking import read_metrics
 from direct_align.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,19 +37,44 @@ def _above_start(result: StageResult) -> float:
     return round(result.peak_rss_mb - start, 1) if start is not None else float("nan")
 
 
-def _row(method: Method, results: list[StageResult]) -> dict[str, Any]:
+def _curve(output_dir: str, builtin: dict[str, float]) -> list[dict[str, float]]:
+    """The run's evaluations on the held-out prompts, in order of step, from step 0: there the
+    policy is the reference, and its samples (same seed) are the reference's, so that point is
+    the reference's reward at KL 0 when the run did not evaluate it itself."""
+    start = {"step": 0, "kl": 0.0, "true_reward": builtin["reference/true_reward"]}
+    if "reference/proxy_reward" in builtin:
+        start["proxy_reward"] = builtin["reference/proxy_reward"]
+    curve = [start]
+    for record in read_metrics(Path(output_dir)):
+        if "eval/policy/true_reward" in record:
+            point = {"step": record["step"], "kl": record["eval/policy/kl"],
+                     "true_reward": record["eval/policy/true_reward"]}  # fmt: skip
+            if "eval/policy/proxy_reward" in record:
+                point["proxy_reward"] = record["eval/policy/proxy_reward"]
+            curve = curve[1:] if record["step"] == 0 else curve  # evaluated at step 0 itself
+            curve.append(point)
+    return curve
+
+
+def _row(method: Method, results: list[StageResult], seed: int) -> dict[str, Any]:
     """One line of the comparison, from the summaries of the method's stages."""
     final = results[-1].summary
     builtin = final["builtin"]
+    proxy = {k: builtin[f"{m}/proxy_reward"] for k, m in (("proxy_reward", "policy"),
+             ("reference_proxy_reward", "reference")) if f"{m}/proxy_reward" in builtin}  # fmt: skip
     return {
         "run": method.name, "method": method.method, "strength": method.strength,
-        "value": method.value,
+        "value": method.value, "seed": seed,
         "true_reward": builtin["policy/true_reward"],
         "reference_true_reward": builtin["reference/true_reward"],
         "kl": builtin["policy/kl"],
         "response_tokens": builtin["policy/response_tokens"],
         "wall_s": {r.stage: r.wall_s for r in results},
         "total_wall_s": round(sum(r.wall_s for r in results), 1),
+        # of which the held-out evaluations (along training and at the end) of the last stage:
+        # the same protocol for every method, and not part of what the method costs
+        "eval_s": final.get("builtin_eval_s", 0.0),
+        "cost_wall_s": round(sum(r.wall_s for r in results) - final.get("builtin_eval_s", 0.0), 1),
         # per stage: the process's peak, and what models, data and training added to it (the
         # runtime and imports excluded); the last stage is the method's own training
         "peak_rss_mb": {r.stage: r.peak_rss_mb for r in results},
@@ -53,6 +82,8 @@ def _row(method: Method, results: list[StageResult]) -> dict[str, Any]:
         "models_in_memory": final.get("models_in_memory", 1),
         "tokens_generated": final.get("tokens_generated", 0),
         "commands": [r.command for r in results],
+        **proxy,
+        "curve": _curve(results[-1].output_dir, builtin),
     }  # fmt: skip
 
 
@@ -64,61 +95,38 @@ def replot(output_dir: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--plots-only: no comparison.json in '{output_dir}'")
     result = json.loads(path.read_text())
-    result["plots"] = [str(p) for p in write_plots(result["rows"], result.get("reward_model"),
-                                                     Path(output_dir))]  # fmt: skip
+    result["plots"] = [str(p) for p in write_plots(result, Path(output_dir))]
     return result
 
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
-    """Run every planned method (or those named in ``cfg.only``) and write the table and plots."""
+    """Run every planned method (or those named in ``cfg.only``) for each seed, and write the
+    table and plots."""
     started = time.time()
-    quick, seed, overwrite = cfg.quick, cfg.seed, cfg.overwrite
     run = RunDir(cfg.output_dir)
-    run.check(resume=False, overwrite=overwrite, resumable=False)
-    shared_rm, methods = plan(quick, seed)
-    if cfg.only:
-        methods = [m for m in methods if m.method in cfg.only]
+    run.check(resume=False, overwrite=cfg.overwrite, resumable=False)
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     build_start = time.time()
     ensure_builtin(cache_root, BuiltinSpec())  # the SFT stage, shared by every method
     sft_s = round(time.time() - build_start, 1)
-    run.prepare(overwrite=overwrite, checkpoints=False)
-    runs, caches = run.path / "runs", run.path / "cache"
-    runs.mkdir()
-
+    run.prepare(overwrite=cfg.overwrite, checkpoints=False)
     group = cfg.wandb_group or run.path.name
-    rm_result: StageResult | None = None
-    rows = []
-    for i, method in enumerate(methods, 1):
-        log.info("compare: [%d/%d] %s", i, len(methods), method.name)
-        results = []
-        for stage in method.stages:
-            if stage == shared_rm:
-                if rm_result is None:
-                    cache = run_cache(caches, "reward_model", cache_root / "builtin")
-                    tracking = _tracking(cfg, group, "reward-model", {"method": "reward-model"})
-                    rm_result = run_stage(stage, runs / "reward_model", cache, tracking)
-                results.append(rm_result)
-                continue
-            extra = ()
-            if stage.name in ("ppo", "online"):  # both learn from the shared reward model
-                flag = "--reward-model" if stage.name == "ppo" else "--reward"
-                extra = (flag, str(Path(rm_result.output_dir) / "final"))
-            cache = run_cache(caches, method.name, cache_root / "builtin")
-            tracking = _tracking(cfg, group, method.name, {
-                "method": method.method, "strength": method.strength, "value": method.value})  # fmt: skip
-            results.append(run_stage(stage, runs / method.name, cache, (*extra, *tracking)))
-        rows.append(_row(method, results))
-        r = rows[-1]
-        log.info("compare: %s true reward %.3f, KL %.2f, %.0f s, peak %.0f MB", method.name,
-                 r["true_reward"], r["kl"], r["total_wall_s"], r["peak_rss_mb"][method.stages[-1].name])  # fmt: skip
+
+    rows: list[dict[str, Any]] = []
+    reward_models: list[dict[str, Any]] = []
+    for seed in seeds:
+        where = run.path / (f"seed-{seed}" if len(seeds) > 1 else "")
+        seed_rows, rm_result = _run_seed(cfg, seed, where, cache_root, group)
+        rows += seed_rows
+        if rm_result is not None:
+            reward_models.append(_reward_model(rm_result, seed))
 
     result = {
-        "quick": quick, "seed": seed, "rows": rows,
-        "reward_model": None if rm_result is None else {
-            "wall_s": rm_result.wall_s, "peak_rss_mb": rm_result.peak_rss_mb,
-            "peak_above_start_mb": _above_start(rm_result), "command": rm_result.command,
-            "eval": rm_result.summary["final"], "hidden_reward": rm_result.summary.get("builtin")},
+        "quick": cfg.quick, "task": cfg.task, "seed": cfg.seed, "seeds": seeds, "rows": rows,
+        "runs": aggregate(rows), "headline": headline(rows),
+        "reward_model": reward_models[0] if reward_models else None,
+        "reward_models": reward_models,
         "sft": {"stage": "built-in base model (shared by every method)",
                 "wall_s": sft_s if sft_s > 5 else "cached"},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
@@ -129,11 +137,77 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     run.write_json("comparison.json", result)
     from direct_align.compare.plots import write_plots  # matplotlib only when plotting
 
-    result["plots"] = [str(p) for p in write_plots(rows, result["reward_model"], run.path)]
+    result["plots"] = [str(p) for p in write_plots(result, run.path)]
     run.write_json("comparison.json", result)
     if cfg.report_to == "wandb":
         _report(cfg, group, result, run.path)
     return result
+
+
+def _reward_model(result: StageResult, seed: int) -> dict[str, Any]:
+    return {"seed": seed, "wall_s": result.wall_s, "peak_rss_mb": result.peak_rss_mb,
+            "peak_above_start_mb": _above_start(result), "command": result.command,
+            "eval": result.summary["final"], "hidden_reward": result.summary.get("builtin")}  # fmt: skip
+
+
+def _run_seed(cfg: CompareConfig, seed: int, where: Path, cache_root: Path, group: str,
+              ) -> tuple[list[dict[str, Any]], StageResult | None]:  # fmt: skip
+    """Every method of one seed, into ``where/runs``; the rows and the reward-model stage."""
+    shared_rm, methods = plan(cfg.quick, seed, cfg.task)
+    if cfg.only:
+        methods = [m for m in methods if m.method in cfg.only]
+    runs, caches = where / "runs", where / "cache"
+    runs.mkdir(parents=True)
+    seed_keys = {"seed": seed} if cfg.seeds > 1 else {}
+    rm_result: StageResult | None = None
+
+    def reward_model() -> StageResult:
+        nonlocal rm_result
+        if rm_result is None:
+            cache = run_cache(caches, "reward_model", cache_root / "builtin")
+            tracking = _tracking(cfg, group, _name("reward-model", seed_keys),
+                                 {"method": "reward-model", **seed_keys})  # fmt: skip
+            rm_result = run_stage(shared_rm, runs / "reward_model", cache, tracking)
+        return rm_result
+
+    if cfg.task == "proxy" and methods:  # every run is also scored by the reward model
+        reward_model()
+    rows = []
+    for i, method in enumerate(methods, 1):
+        log.info("compare: seed %d [%d/%d] %s", seed, i, len(methods), method.name)
+        results = []
+        for stage in method.stages:
+            if stage == shared_rm:
+                results.append(reward_model())
+                continue
+            results.append(_run_method_stage(cfg, stage, method, rm_result, runs, caches,
+                                             cache_root, group, seed_keys))  # fmt: skip
+        rows.append(_row(method, results, seed))
+        r = rows[-1]
+        log.info("compare: %s true reward %.3f, KL %.2f, %.0f s, peak %.0f MB", method.name,
+                 r["true_reward"], r["kl"], r["total_wall_s"], r["peak_rss_mb"][method.stages[-1].name])  # fmt: skip
+    return rows, rm_result
+
+
+def _run_method_stage(cfg: CompareConfig, stage: Stage, method: Method,
+                      rm_result: StageResult | None, runs: Path, caches: Path, cache_root: Path,
+                      group: str, seed_keys: dict[str, int]) -> StageResult:  # fmt: skip
+    """A method's own stage, given the reward model where it learns from or is scored by it."""
+    extra: tuple[str, ...] = ()
+    rm_final = None if rm_result is None else str(Path(rm_result.output_dir) / "final")
+    if stage.name in ("ppo", "online"):  # both learn from the shared reward model
+        extra = ("--reward-model" if stage.name == "ppo" else "--reward", rm_final)
+    if cfg.task == "proxy":
+        extra += ("--eval-reward-model", rm_final)
+    cache = run_cache(caches, method.name, cache_root / "builtin")
+    tracking = _tracking(cfg, group, _name(method.name, seed_keys), {
+        "method": method.method, "strength": method.strength, "value": method.value,
+        **seed_keys})  # fmt: skip
+    return run_stage(stage, runs / method.name, cache, (*extra, *tracking))
+
+
+def _name(run: str, seed_keys: dict[str, int]) -> str:
+    return f"{run}-seed{seed_keys['seed']}" if seed_keys else run
 
 
 def _tracking(cfg: CompareConfig, group: str, name: str, keys: dict[str, Any]) -> tuple[str, ...]:
@@ -150,20 +224,34 @@ def _tracking(cfg: CompareConfig, group: str, name: str, keys: dict[str, Any]) -
     return tuple(flags)
 
 
+def _flat(entry: dict[str, Any]) -> dict[str, Any]:
+    """A headline entry with its (mean, std) pairs as two columns each."""
+    out: dict[str, Any] = {}
+    for key, value in entry.items():
+        if isinstance(value, tuple | list):
+            out[key], out[f"{key}_std"] = value
+        else:
+            out[key] = value
+    return out
+
+
 def _report(cfg: CompareConfig, group: str, result: dict[str, Any], output_dir: Path) -> None:
     """The comparison's own W&B run, in its group: the table and the plots."""
     from direct_align.engine.tracking import Tracker
 
-    keep = ("run", "method", "strength", "value", "true_reward", "reference_true_reward", "kl",
-            "response_tokens", "total_wall_s", "models_in_memory", "tokens_generated")  # fmt: skip
+    keep = ("run", "method", "strength", "value", "seed", "true_reward", "reference_true_reward", "kl",
+            "response_tokens", "total_wall_s", "cost_wall_s", "models_in_memory",
+            "tokens_generated")  # fmt: skip
     table = [{k: r[k] for k in keep} | {"peak_rss_mb": list(r["peak_rss_mb"].values())[-1]}
              for r in result["rows"]]  # fmt: skip
     cfg = dataclasses.replace(cfg, wandb_group=group)  # the summary run joins its runs' group
-    tracker = Tracker(output_dir, cfg, config={"quick": cfg.quick, "seed": cfg.seed,
-                                               "only": cfg.only, "machine": result["machine"]},
+    tracker = Tracker(output_dir, cfg, config={"quick": cfg.quick, "task": cfg.task,
+                                               "seeds": result["seeds"], "only": cfg.only,
+                                               "machine": result["machine"]},
                       name=cfg.run_name or f"{group}-summary", jsonl=False)  # fmt: skip
     try:
         tracker.log_table("comparison", table, 0)
+        tracker.log_table("headline", [_flat(h) for h in result["headline"]], 0)
         tracker.log_images({Path(p).stem: Path(p) for p in result["plots"]}, 0)
         tracker.summary({"runtime_s": result["runtime_s"]})
     finally:

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from direct_align import settings as s
-from direct_align.config import Setting
+from direct_align.compare.plan import TASKS
+from direct_align.config import Setting, at_least
 
-METHODS = ("dpo", "ipo", "orpo", "simpo", "ppo", "online-dpo")
+METHODS = ("dpo", "ipo", "orpo", "simpo", "robust", "cdpo", "ppo", "online-dpo", "online-rpo")
 
 
 @dataclass
@@ -21,7 +22,13 @@ class CompareConfig(s.TrackerSettings):
     output_dir: str | None = s.OUTPUT_DIR.field(help="Where the table, plots and every run go "
                                                      "(default: runs/compare-TIMESTAMP).")  # fmt: skip
     overwrite: bool = s.OVERWRITE.field()
-    seed: int = s.SEED.field(help="Seed of every run.")
+    seed: int = s.SEED.field(help="Seed of every run (the first seed, with --seeds).")
+    seeds: int = Setting(int, 1, "Repeat every run over this many seeds (--seed, --seed + 1, "
+                                 "...): tables give mean ± std.", rule=at_least(1)).field()  # fmt: skip
+    task: str = Setting(str, "builtin", "builtin: the reward model is learnt from all 2,000 "
+                                        "pairs; proxy: from a small noisy subset, which the "
+                                        "offline losses learn from too, and every run is also "
+                                        "scored by that reward model.", TASKS).field()  # fmt: skip
     cache_dir: str | None = s.CACHE_DIR.field(help="Cache of the built-in task.")
     only: list[str] = Setting(list, None, "Run only this method (repeatable).", METHODS).field()
     plots_only: bool = Setting(bool, False, "Redraw the plots and table of --output-dir from its "

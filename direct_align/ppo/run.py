@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import set_seed
 
 from direct_align.builtin.inputs import resolve_inputs
-from direct_align.builtin.report import hidden_reward_report
+from direct_align.builtin.report import HiddenRewardReport
 from direct_align.config import resolve
 from direct_align.data.prompts import load_prompts
 from direct_align.engine.outputs import RunDir
@@ -53,6 +53,7 @@ def builtin_rm_config(cfg: PPOConfig, rm_dir: Path, processes: int) -> RewardCon
     dealt out among them in equal micro-batches."""
     values: dict[str, Any] = {"output_dir": str(rm_dir), "seed": cfg.seed,
                               "cache_dir": cfg.cache_dir, "label_noise": cfg.label_noise,
+                              "train_pairs": cfg.train_pairs,
                               "precision": cfg.precision, "report_to": "jsonl",
                               "resume": RunDir(rm_dir).last_checkpoint() is not None}  # fmt: skip
     if processes > 1:
@@ -126,10 +127,12 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
 
         evaluate: Evaluator | None = None
         if session.main and inputs.assets is not None and cfg.dataset is None:
+            hidden = HiddenRewardReport(reference, tokenizer, inputs.assets,
+                                        prompts=cfg.eval_prompts, seed=cfg.seed,
+                                        rows=cfg.log_generations, proxy=cfg.eval_reward_model)  # fmt: skip
+
             def evaluate(rollout: int) -> dict[str, float]:  # the built-in task's hidden reward
-                report, rows = hidden_reward_report(actor_critic.policy, reference, tokenizer,
-                                                    inputs.assets, prompts=cfg.eval_prompts,
-                                                    seed=cfg.seed, rows=cfg.log_generations)  # fmt: skip
+                report, rows = hidden(actor_critic.policy)
                 log.info("rollout %d: true reward %.3f, KL %.2f", rollout,
                          report["policy/true_reward"], report["policy/kl"])  # fmt: skip
                 session.tracker.log_table("eval/generations", rows, rollout)
@@ -160,6 +163,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
             evals = [r for r in read_metrics(session.run.path) if "eval/policy/true_reward" in r]
             summary["builtin"] = {k[len("eval/"):]: v for k, v in evals[-1].items() if k != "step"}
             summary["builtin"]["initial/true_reward"] = evals[0]["eval/policy/true_reward"]
+            summary["builtin_eval_s"] = round(hidden.seconds, 1)
         return session.finish(summary, {**{k: v for k, v in summary.items()
                                            if isinstance(v, int | float)},
                                         **summary.get("builtin", {})})  # fmt: skip

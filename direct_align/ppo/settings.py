@@ -96,7 +96,10 @@ class PPOConfig(s.OptimSettings, s.RunSettings):
     # --- built-in task -----------------------------------------------------------------------
     label_noise: float = s.LABEL_NOISE.field(help="Built-in task: label noise of the pairs the "
                                                   "default reward model is trained on.")  # fmt: skip
+    train_pairs: int = s.TRAIN_PAIRS.field(help="Built-in task: the default reward model learns "
+                                                "from a random N of the pairs (0: all).")  # fmt: skip
     eval_prompts: int = s.EVAL_PROMPTS.field()
+    eval_reward_model: str | None = s.EVAL_REWARD_MODEL.field()
 
     # The built-in task's recipe (~2M-parameter policy); under YAML and flags.
     foreign_names: ClassVar[dict[str, str]] = s.TRL_NAMES

@@ -12,7 +12,9 @@ round of :func:`fit_online`:
    whose rewards differ by more than it; a prompt whose responses all tie gives no pair;
 5. computes the reference log-probs of the fresh pairs with the reference model held in memory,
    or with LoRA the policy with its adapters off (none for reference-free losses such as SimPO
-   and ORPO);
+   and ORPO); with ``refresh_reference`` the policy as the round starts scores them instead,
+   so each round's loss is relative to the last round's policy (iterative DPO, Xiong et al.
+   2024) while evaluations still measure KL to the initial reference;
 6. trains ``epochs`` passes over the round's pairs, in optimizer steps of ``batch_size ×
    grad_accum`` pairs (:func:`direct_align.preference.offline.train_step`, as offline).
 
@@ -196,8 +198,9 @@ def fit_online(
                                                          tokenizer, cfg.log_generations),
                               state.step)  # fmt: skip
             ref = None
-            if reference is not None and len(data):
-                ref = score_shared(reference, data, batch_size=eval_batch, layout=cfg.layout,
+            if reference is not None and len(data):  # iterative DPO: the policy as it is now
+                scorer = accelerator.unwrap_model(model) if cfg.refresh_reference else reference
+                ref = score_shared(scorer, data, batch_size=eval_batch, layout=cfg.layout,
                                    pad_token_id=pad, device=device, autocast=accelerator.autocast,
                                    accelerator=accelerator)  # fmt: skip
             # 6. optimizer steps on the round's pairs

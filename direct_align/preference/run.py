@@ -18,7 +18,7 @@ from typing import Any
 from accelerate.utils import set_seed
 
 from direct_align.builtin.inputs import Inputs, resolve_inputs
-from direct_align.builtin.report import hidden_reward_report
+from direct_align.builtin.report import HiddenRewardReport
 from direct_align.data import PairDataset, prepare_pairs, split_holdout
 from direct_align.data.prompts import load_prompts
 from direct_align.engine.session import Session, free_memory
@@ -111,35 +111,42 @@ def _scorer(cfg: TrainConfig, inputs: Inputs, tokenizer: Any, session: Session,
                    check_stop=lambda: session.check_stop("during the reference pass"))  # fmt: skip
 
 
-def _conclude(session: Session, prepared: Any, tokenizer: Any, inputs: Inputs, cfg: TrainConfig,
-              summary: dict[str, Any], tracked: dict[str, float]) -> dict[str, Any] | None:  # fmt: skip
+def _hidden_report(cfg: TrainConfig, inputs: Inputs, tokenizer: Any) -> HiddenRewardReport | None:
+    """The built-in task's report of a policy (None on own data: no hidden reward)."""
+    if cfg.dataset is not None:
+        return None
+    return HiddenRewardReport(inputs.model_path, tokenizer, inputs.assets, prompts=cfg.eval_prompts,
+                              seed=cfg.seed, rows=cfg.log_generations,
+                              proxy=cfg.eval_reward_model)  # fmt: skip
+
+
+def _conclude(session: Session, prepared: Any, tokenizer: Any, hidden: HiddenRewardReport | None,
+              cfg: TrainConfig, summary: dict[str, Any], tracked: dict[str, float],
+              ) -> dict[str, Any] | None:  # fmt: skip
     """Write final/ (every process takes part under FSDP), then in the main process the
     built-in task's report of the trained policy and the summary; returns the summary there."""
     model = session.save_final(prepared, tokenizer, how=cfg.lora_save)
     if not session.main:
         return None
-    if cfg.dataset is None:  # the hidden reward and KL of the policy's samples
+    if hidden is not None:  # the hidden reward and KL of the policy's samples
         model = model if model is not None else session.load_final()  # sharded: read it back
-        report, rows = hidden_reward_report(model, inputs.model_path, tokenizer, inputs.assets,
-                                            prompts=cfg.eval_prompts, seed=cfg.seed,
-                                            rows=cfg.log_generations)  # fmt: skip
+        report, rows = hidden(model)
         summary["builtin"] = report
+        summary["builtin_eval_s"] = round(hidden.seconds, 1)  # along training and at the end
         session.tracker.log({f"eval/{k}": v for k, v in report.items()}, summary["steps"])
         session.tracker.log_table("eval/generations", rows, summary["steps"])
     return session.finish(summary, {**tracked, **summary.get("builtin", {})})
 
 
-def _probe(session: Session, inputs: Inputs, tokenizer: Any, cfg: TrainConfig) -> Probe | None:
+def _probe(session: Session, hidden: HiddenRewardReport | None) -> Probe | None:
     """On the built-in task, what an evaluation during training adds: the hidden reward and KL
-    of the policy's samples, and a table of them (the reference is loaded for it). None where
-    it cannot be computed: own data (no hidden reward), or a policy sharded by FSDP."""
-    if cfg.dataset is not None or session.sharded:
+    of the policy's samples, and a table of them. None where it cannot be computed: own data
+    (no hidden reward), or a policy sharded by FSDP."""
+    if hidden is None or session.sharded:
         return None
 
     def probe(lm: Any, step: int) -> dict[str, float]:
-        report, rows = hidden_reward_report(lm, inputs.model_path, tokenizer, inputs.assets,
-                                            prompts=cfg.eval_prompts, seed=cfg.seed,
-                                            rows=cfg.log_generations)  # fmt: skip
+        report, rows = hidden(lm)
         session.tracker.log_table("eval/generations", rows, step)
         return {f"eval/{k}": v for k, v in report.items()}
 
@@ -192,6 +199,7 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
             free_memory()
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
+    hidden = _hidden_report(cfg, inputs, tokenizer)
     session.open(inputs={
         "model": describe_model(policy, inputs.model_path),
         "data": {"source": inputs.source, "eval_source": _eval_source(cfg, inputs),
@@ -200,7 +208,7 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
     state, eval_metrics, prepared, finished = fit(policy, train, evals, refs, cfg=cfg,
                                                   session=session,
                                                   pad_token_id=tokenizer.pad_token_id,
-                                                  probe=_probe(session, inputs, tokenizer, cfg))  # fmt: skip
+                                                  probe=_probe(session, hidden))  # fmt: skip
     if not finished:
         return None
     summary: dict[str, Any] = {
@@ -212,7 +220,7 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
         "train_runtime_s": round(state.train_seconds, 3),
         "train_samples_per_s": round(state.pairs_seen / max(state.train_seconds, 1e-9), 4),
     }  # fmt: skip
-    return _conclude(session, prepared, tokenizer, inputs, cfg, summary, tracked=eval_metrics)
+    return _conclude(session, prepared, tokenizer, hidden, cfg, summary, tracked=eval_metrics)
 
 
 def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
@@ -260,6 +268,7 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
             ref_eval = score(reference)[0]["eval"]
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
+    hidden = _hidden_report(cfg, inputs, tokenizer)
     session.open(inputs={
         "model": describe_model(policy, inputs.model_path),
         "data": {"source": inputs.source, "prompt_rows": len(prompts),
@@ -268,7 +277,7 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
         "reference": {"model": cfg.ref_model or inputs.model_path}})  # fmt: skip
     state, eval_metrics, prepared, finished = fit_online(
         policy, reference, prompts, rewards, evals, ref_eval, tokenizer=tokenizer, cfg=cfg,
-        session=session, probe=_probe(session, inputs, tokenizer, cfg))  # fmt: skip
+        session=session, probe=_probe(session, hidden))  # fmt: skip
     if not finished:
         return None
     summary: dict[str, Any] = {
@@ -282,5 +291,5 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
         "initial": first_eval(session.run.path), "final": eval_metrics,
         "train_runtime_s": round(state.train_seconds, 3),
     }  # fmt: skip
-    return _conclude(session, prepared, tokenizer, inputs, cfg, summary,
+    return _conclude(session, prepared, tokenizer, hidden, cfg, summary,
                      tracked={**eval_metrics, "online/judge_calls": state.judge_calls})  # fmt: skip

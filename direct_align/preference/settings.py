@@ -64,6 +64,9 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
     beta: float | None = BETA.field()
     label_smoothing: float = LABEL_SMOOTHING.field()
     gamma: float = GAMMA.field()
+    rpo_alpha: float = Setting(float, 0.0, "Add this weight times the chosen response's per-token "
+                                           "NLL to each pair's loss (RPO); 0: off.",
+                               rule=NON_NEGATIVE).field()  # fmt: skip
     reference_free: bool = REFERENCE_FREE.field()
     desirable_weight: float = Setting(float, 1.0, "KTO: weight λ_D of desirable examples.",
                                       rule=POSITIVE).field()  # fmt: skip
@@ -128,8 +131,13 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
     pair_margin: float | None = PAIR_MARGIN.field()
     length_penalty: float = LENGTH_PENALTY.field()
     eos_penalty: float = EOS_PENALTY.field()
+    refresh_reference: bool = Setting(bool, False, "Online: each round's reference is the policy "
+                                                   "as the round starts (iterative DPO), not the "
+                                                   "initial one.").field()  # fmt: skip
     # --- built-in task -----------------------------------------------------------------------
     label_noise: float = s.LABEL_NOISE.field()
+    train_pairs: int = s.TRAIN_PAIRS.field()
+    eval_reward_model: str | None = s.EVAL_REWARD_MODEL.field()
     eval_prompts: int = s.EVAL_PROMPTS.field()
     thumbs_threshold: float = Setting(float, 0.5, "Built-in task with an unpaired loss (kto): a "
                                                   "sample is desirable when its hidden reward is "
@@ -164,6 +172,8 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
              f"--attn {self.attn} needs a packed layout (--layout shared or packed)"),
             *s.run_checks(self),
             *online_checks(self),
+            (not (self.rpo_alpha and LOSSES[self.loss].unpaired),
+             f"--rpo-alpha adds the chosen response's NLL to a pair's loss; {self.loss} has no pairs"),
             *lora_checks(self),
             *attention,
             (not (LOSSES[self.loss].reference_free and self.ref_model is not None),
@@ -184,13 +194,15 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
 def online_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
     """(ok, message) for the settings that ``--online`` rules out or needs."""
     if not cfg.online:
-        return []
+        return [(not cfg.refresh_reference, "--refresh-reference applies to --online only")]
     return [
         (cfg.max_steps is None, "--max-steps does not apply to --online (use --rounds)"),
         (cfg.max_tokens_per_batch is None,
          "--max-tokens-per-batch does not apply to --online (use --batch-size)"),
         (bool(cfg.reward) or cfg.dataset is None,
          "--online with --dataset needs a judge: --reward SPEC (see --help)"),
+        (not (cfg.refresh_reference and not uses_reference(cfg)),
+         f"--refresh-reference: {cfg.loss} uses no reference here"),
     ]  # fmt: skip
 
 
@@ -253,4 +265,5 @@ def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """The extra settings (label_smoothing, gamma, KTO's weights) that the chosen loss accepts."""
     given = {"label_smoothing": cfg.label_smoothing, "gamma": cfg.gamma,
              "desirable_weight": cfg.desirable_weight, "undesirable_weight": cfg.undesirable_weight}
-    return {k: v for k, v in given.items() if k in LOSSES[cfg.loss].options and v is not None}
+    options = {k: v for k, v in given.items() if k in LOSSES[cfg.loss].options and v is not None}
+    return options | ({"rpo_alpha": cfg.rpo_alpha} if cfg.rpo_alpha else {})

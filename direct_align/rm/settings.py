@@ -37,6 +37,7 @@ class RewardConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSe
                                                    "$DIRECT_ALIGN_CACHE or ~/.cache/direct_align).")  # fmt: skip
     # --- built-in task -----------------------------------------------------------------------
     label_noise: float = s.LABEL_NOISE.field()
+    train_pairs: int = s.TRAIN_PAIRS.field()
 
     # The built-in task's recipe (~2M-parameter trunk); under YAML and flags.
     foreign_names: ClassVar[dict[str, str]] = s.TRL_NAMES

@@ -13,6 +13,7 @@ from commands import run_here
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from direct_align.builtin.build import (
+    BuiltinAssets,
     BuiltinSpec,
     build_base_model,
     build_pairs,
@@ -125,3 +126,20 @@ def test_kto_runs_on_the_task_as_thumbs_up_or_down(default_run, tmp_path, capsys
     truth = [reward > 0.5 for row in candidates for reward in (row["reward_a"], row["reward_b"])]
     flipped = sum(a != b for a, b in zip(labels, truth)) / len(truth)
     assert len(labels) == len(truth) and 0.08 < flipped < 0.12
+
+
+def test_train_pairs_are_a_fixed_random_subset_of_the_same_noisy_pairs(tmp_path) -> None:
+    rows = [{"prompt": f"p{i}", "a": f"a{i}", "b": f"b{i}", "reward_a": i % 3, "reward_b": 1.5}
+            for i in range(50)]  # fmt: skip
+    (tmp_path / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assets = BuiltinAssets(tmp_path, tmp_path, tmp_path / "eval.jsonl", tmp_path / "p.jsonl")
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    full = read(assets.train_file(0.25))
+    subset = read(assets.train_file(0.25, pairs=12))
+    assert len(full) == 50 and len(subset) == 12
+    assert all(row in full for row in subset)  # the same labels, flipped or not, as in full
+    assert len({r["prompt"] for r in subset}) == 12
+    flipped = [r["chosen"].startswith("b") != (int(r["prompt"][1:]) % 3 < 1.5) for r in full]
+    assert 0 < sum(flipped) < 25  # b wins when reward_a < 1.5, unless its label was flipped
+    assets.train_file(0.25, pairs=12).unlink()
+    assert read(assets.train_file(0.25, pairs=12)) == subset  # the same subset when rebuilt

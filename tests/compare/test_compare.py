@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from direct_align.cli import main
-from direct_align.compare.plan import plan
+from direct_align.compare.frontier import headline
+from direct_align.compare.plan import PROXY_NOISE, PROXY_PAIRS, plan
+from direct_align.compare.plots import write_plots
 from direct_align.compare.report import markdown_table
 from scripts.wandb_offline import read_runs, read_table
 
@@ -24,13 +26,65 @@ def test_plan_runs_every_method_and_ppo_shares_one_reward_model() -> None:
         assert min(counts.values()) == (1 if quick else 2) and counts["dpo"] >= per_method
         assert len({m.name for m in methods}) == len(methods)  # run names are unique
         for m in methods:
-            second = {"ppo": "ppo", "online-dpo": "online"}.get(m.method)
+            second = {"ppo": "ppo", "online-dpo": "online", "online-rpo": "online"}.get(m.method)
             assert [s.name for s in m.stages] == (["reward_model", second] if second
                                                   else ["train"])  # fmt: skip
             if second:
                 assert m.stages[0] is shared_rm
             assert all("--seed" in s.args and "7" in s.args for s in m.stages)
             assert ("--max-steps" in m.stages[-1].args) == (quick and second is None)
+            assert ("--rpo-alpha" in m.stages[-1].args) == (m.method == "online-rpo")
+            evaluate_every = m.stages[-1].args[m.stages[-1].args.index("--eval-every") + 1]
+            assert int(evaluate_every) > 0  # every run is evaluated along training
+
+
+def test_the_proxy_task_gives_the_reward_model_and_offline_losses_a_noisy_subset() -> None:
+    shared_rm, methods = plan(False, seed=1, task="proxy")
+    noisy = ("--train-pairs", str(PROXY_PAIRS), "--label-noise", str(PROXY_NOISE))
+    learn_from_rm = ("ppo", "online-dpo", "online-rpo")
+    for stage in (shared_rm, *(m.stages[-1] for m in methods if m.method not in learn_from_rm)):
+        assert " ".join(noisy) in " ".join(stage.args)
+    for m in methods:
+        if m.method in learn_from_rm:  # they learn from the reward model only
+            assert "--train-pairs" not in m.stages[-1].args
+    builtin_rm, builtin = plan(False, seed=1)
+    assert "--train-pairs" not in builtin_rm.args
+    aware = {m.method for m in methods} - {m.method for m in builtin}
+    assert aware == {"robust", "cdpo"}  # told the noise rate
+    assert all(f"--label-smoothing {PROXY_NOISE}" in " ".join(m.stages[-1].args)
+               for m in methods if m.method in aware)  # fmt: skip
+
+
+def _fake_row(method: str, value: float, seed: int, reward: float, kl: float) -> dict:
+    """A row as compare writes it, for drawing and tabulating (numbers invented)."""
+    return {"run": f"{method}-{value:g}", "method": method, "strength": "β", "value": value,
+            "seed": seed, "true_reward": reward, "reference_true_reward": 0.4, "kl": kl,
+            "proxy_reward": reward + 1, "reference_proxy_reward": 0.1,
+            "response_tokens": 20.0, "wall_s": {"train": 10.0 + seed},
+            "total_wall_s": 12.0 + seed, "eval_s": 2.0, "cost_wall_s": 10.0 + seed,
+            "peak_rss_mb": {"train": 700.0},
+            "peak_above_start_mb": {"train": 250.0}, "models_in_memory": 1,
+            "tokens_generated": 0, "commands": ["direct-align train"],
+            "curve": [{"step": 0, "kl": 0.0, "true_reward": 0.4, "proxy_reward": 0.1},
+                      {"step": 5, "kl": kl / 2, "true_reward": reward + 0.05,
+                       "proxy_reward": reward + 0.5}]}  # fmt: skip
+
+
+def test_several_seeds_give_mean_and_spread_tables_and_every_plot(tmp_path) -> None:
+    rows = [_fake_row(m, v, seed, r + 0.01 * seed, kl) for seed in (1, 2, 3)
+            for m, v, r, kl in (("dpo", 0.1, 0.8, 2.0), ("dpo", 1.0, 0.7, 1.0),
+                                ("ppo", 0.05, 0.9, 2.5))]  # fmt: skip
+    result = {"seeds": [1, 2, 3], "rows": rows, "runtime_s": 1.0, "reward_model": None}
+    table = markdown_table(result)
+    assert "| dpo β=0.1 | 0.820 ± 0.010 | 1.820 ± 0.010 | 2.00 ± 0.00 | 0.870 ± 0.010 |" in table
+    # headline: dpo's frontier, seed 1: (0, 0.4), (0.5, 0.76) (β=1 along training), (1, 0.86)
+    # (β=0.1 along training) — at 0.75 nats between the last two (0.81), at 1.5 the best; seeds +0.01
+    assert "| dpo | 0.870 ± 0.010 | 0.870 ± 0.010 |" in table
+    assert headline(rows, budgets=(0.75,))[0]["reward_at_0.75"][0] == pytest.approx(0.82)
+    paths = write_plots(result, tmp_path)
+    assert [p.name for p in paths] == ["frontier.png", "reward_vs_time.png",
+                                       "overoptimisation.png", "memory.png"]  # fmt: skip
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 
 def test_compare_refuses_a_non_empty_output_dir_and_keeps_it(tmp_path, capsys) -> None:
@@ -68,6 +122,8 @@ def test_quick_comparison_measures_every_method_and_ppo_learns(default_run, tmp_
         assert set(r["peak_rss_mb"]) == set(r["wall_s"]) == set(r["peak_above_start_mb"])
         assert all(r["peak_rss_mb"][s] > r["peak_above_start_mb"][s] > 0 for s in r["wall_s"])
         assert r["total_wall_s"] == pytest.approx(sum(r["wall_s"].values()), abs=0.2)
+        assert 0 < r["eval_s"] < r["total_wall_s"]
+        assert r["cost_wall_s"] == pytest.approx(r["total_wall_s"] - r["eval_s"], abs=0.2)
     assert rows["ppo"]["models_in_memory"] == 4 and rows["dpo"]["models_in_memory"] == 1
     assert rows["online-dpo"]["models_in_memory"] == 3  # policy, reference, reward-model judge
     assert set(rows["ppo"]["wall_s"]) == {"reward_model", "ppo"}
@@ -79,6 +135,12 @@ def test_quick_comparison_measures_every_method_and_ppo_learns(default_run, tmp_
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert markdown_table(table) in result.stdout
+    for r in table["rows"]:  # evaluated along training, from the reference at step 0
+        curve = r["curve"]
+        assert curve[0] == {"step": 0, "kl": 0.0, "true_reward": reference}
+        assert len(curve) >= 3 and [c["step"] for c in curve] == sorted(c["step"] for c in curve)
+        assert curve[-1]["true_reward"] == pytest.approx(r["true_reward"])
+    assert {h["method"] for h in table["headline"]} == set(rows)
     assert all(r["commands"][-1].startswith("direct-align ") for r in table["rows"])
 
     # W&B (offline): every run of the comparison in one group, with the keys to group by, and a

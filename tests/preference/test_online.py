@@ -4,11 +4,12 @@ Python-function judges on a tiny model (good judges, failing judges, resume)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from commands import JUDGES_PY, ONLINE, assert_ok, run_cli
+from commands import JUDGES_PY, ONLINE, assert_ok, run_cli, train_here
 from transformers import AutoModelForCausalLM
 
 from conftest import train_settings
@@ -65,6 +66,13 @@ def test_pairs_from_samples_fit_and_drop_identical() -> None:
     ({"online": True, "max_steps": 5}, "--max-steps does not apply to --online"),
     ({"online": True, "dataset": "p.jsonl", "model": "m"}, "needs a judge: --reward"),
     ({"online": True, "rounds": 0}, "--rounds must be at least 1"),
+    ({"refresh_reference": True}, "--refresh-reference applies to --online only"),
+    ({"online": True, "refresh_reference": True, "loss": "simpo"},
+     "--refresh-reference: simpo uses no reference here"),
+    ({"loss": "kto", "rpo_alpha": 1.0}, "--rpo-alpha adds the chosen response's NLL"),
+    ({"eval_reward_model": "/nonexistent/rm"},
+     "--eval-reward-model '/nonexistent/rm': not a reward-model directory"),
+    ({"eval_reward_model": ".", "dataset": "pairs.jsonl"}, "--eval-reward-model scores the built-in"),
 ])  # fmt: skip
 def test_impossible_online_settings_are_refused(flags: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -96,6 +104,29 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("refresh", [False, True])
+def test_refresh_reference_scores_each_round_with_the_policy_as_it_starts(
+    refresh: bool, inputs: Path, tiny_model_dir: Path, tmp_path: Path, caplog
+) -> None:
+    """One optimizer step per round: with the reference refreshed, each round's only step is
+    taken where the policy equals its reference (log-ratios 0, loss log 2, margins 0), while
+    the fixed reference is left behind after the first round."""
+    out = tmp_path / "run"
+    train_here(["--loss", "dpo", *ONLINE, "--model", str(tiny_model_dir), "--dataset",
+                str(inputs / "prompts.jsonl"), "--reward", f"{inputs / 'judges.py'}:letter_e",
+                "--rounds", "3", "--prompts-per-round", "8", "--epochs", "1",
+                "--output-dir", str(out), *(["--refresh-reference"] if refresh else [])],
+               tmp_path / "cache", caplog)  # fmt: skip
+    rounds = [r for r in records(out) if "online/round" in r and "train/loss" in r]
+    assert len(rounds) >= 2 and all(r["online/pairs"] <= 8 for r in rounds)
+    later = rounds[1:]
+    if refresh:
+        assert all(r["train/loss"] == pytest.approx(math.log(2), abs=1e-4) for r in rounds)
+        assert all(abs(r["train/rewards/chosen"]) < 1e-4 for r in rounds)
+    else:
+        assert all(abs(r["train/rewards/chosen"]) > 1e-3 for r in later)
 
 
 @pytest.mark.slow  # a subprocess run
