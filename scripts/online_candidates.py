@@ -28,16 +28,25 @@ from direct_align.compare.run import _curve
 BASE = ("--loss", "dpo", "--beta", "0.1", "--online", "--rounds", "10", "--prompts-per-round",
         "64", "--samples-per-prompt", "4", "--epochs", "4", "--eval-every", "16",
         "--eval-prompts", "128")  # fmt: skip
-VARIANTS: dict[str, str] = {
+VARIANTS: dict[str, str] = {  # every variant is at the same judge calls (2,560)
     "baseline": "",
     "beta0.3": "--beta 0.3",
-    "k8-rounds5": "--samples-per-prompt 8 --rounds 5",  # same judge calls
+    "k8-rounds5": "--samples-per-prompt 8 --rounds 5",
+    "r20x32": "--rounds 20 --prompts-per-round 32",
     "all-pairs": "--pair-margin 0.1",
-    "refresh": "--refresh-reference",
-    "rpo": "--rpo-alpha 1.0",
     "lr3e-4": "--learning-rate 3e-4",
     "ipo": "--loss ipo --beta 0.5",
     "simpo": "--loss simpo --beta 2",
+    "refresh": "--refresh-reference",
+    "refresh-b0.3": "--refresh-reference --beta 0.3",
+    "rpo": "--rpo-alpha 1.0",
+    "rpo-b0.3": "--rpo-alpha 1.0 --beta 0.3",
+    "rpo-b1": "--rpo-alpha 1.0 --beta 1.0",
+    "rpo2-b0.3": "--rpo-alpha 2.0 --beta 0.3",
+    "refresh-rpo": "--refresh-reference --rpo-alpha 1.0",
+    "rpo-r20x32": "--rounds 20 --prompts-per-round 32 --rpo-alpha 1.0",
+    "rpo-b0.3-k8": "--rpo-alpha 1.0 --beta 0.3 --samples-per-prompt 8 --rounds 5",
+    "rpo-b0.3-lr2e-4": "--rpo-alpha 1.0 --beta 0.3 --learning-rate 2e-4",
 }
 
 

@@ -97,7 +97,8 @@ def _frontier(ax: plt.Axes, rows: list[dict[str, Any]]) -> None:
 def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     """Write ``frontier.png``, ``reward_vs_time.png`` and ``memory.png`` into ``out``, and
     ``overoptimisation.png`` when the runs were also scored by a proxy reward model."""
-    rows = result["rows"]
+    # (a comparison.json of an earlier version has no evaluation time: its wall time is the cost)
+    rows = [{"cost_wall_s": r["total_wall_s"]} | r for r in result["rows"]]
     seeds = len({r.get("seed", 0) for r in rows})
     suffix = f" ({seeds} seeds)" if seeds > 1 else ""
     paths = []
