@@ -66,8 +66,9 @@ def _scatter(ax: plt.Axes, rows: list[dict[str, Any]], x: str, *, lines: bool = 
 
 
 def _reference(ax: plt.Axes, rows: list[dict[str, Any]], key: str = "reference_true_reward") -> None:
-    ax.axhline(rows[0][key], color="gray", linestyle="--", linewidth=1,
-               label="reference (SFT model)")  # fmt: skip
+    by_seed = {r.get("seed", 0): r[key] for r in rows}  # each seed samples the reference anew
+    ax.axhline(sum(by_seed.values()) / len(by_seed), color="gray", linestyle="--", linewidth=1,
+               label="reference (SFT model)" + (", mean of seeds" if len(by_seed) > 1 else ""))  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the data
 
@@ -81,8 +82,8 @@ def _frontier(ax: plt.Axes, rows: list[dict[str, Any]]) -> None:
         color, marker = STYLE.get(method, ("black", "x"))
         for r in group:
             points = run_points(r)
-            ax.plot([p[0] for p in points], [p[1] for p in points], color=color, linewidth=0.6,
-                    alpha=0.3)  # fmt: skip
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=color, linewidth=0.5,
+                    alpha=0.2)  # fmt: skip
             ax.scatter([r["kl"]], [r["true_reward"]], color=color, marker=marker, s=18, alpha=0.6,
                        linewidths=0)  # fmt: skip
         seeds = sorted({r.get("seed", 0) for r in group})
@@ -92,6 +93,13 @@ def _frontier(ax: plt.Axes, rows: list[dict[str, Any]]) -> None:
         ax.plot(grid, mean, color=color, linewidth=2.2, label=f"{NAMES.get(method, method)} frontier")
     ax.set_ylabel(REWARD_LABEL)
     _reference(ax, rows)
+    far = sorted(p[0] for r in rows for p in run_points(r))
+    limit = max(far[int(0.9 * (len(far) - 1))] * 1.1, 1.0)  # the tail of a few wild runs cut
+    if far[-1] > limit:
+        ax.set_xlim(-0.02 * limit, limit)
+        ax.annotate(f"x cut at {limit:.1f} nats ({sum(k > limit for k in far)} of {len(far)} "
+                    f"points beyond, up to {far[-1]:.0f})", (0.99, 0.02),
+                    xycoords="axes fraction", ha="right", fontsize=7, color="gray")  # fmt: skip
 
 
 def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
@@ -111,7 +119,7 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(9, 5))
     _scatter(ax, rows, "cost_wall_s", lines=False)
     ax.set_ylabel(REWARD_LABEL)
-    ax.set_xlim(left=0)
+    ax.set_xlim(0, 1.2 * max(r["cost_wall_s"] for r in rows))  # room for the labels
     ax.set_xlabel("wall time of the whole pipeline after SFT (held-out evaluations excluded), seconds")
     ax.set_title("True reward against training time (up and left is better)" + suffix)
     paths.append(_save(fig, out / "reward_vs_time.png"))
@@ -170,11 +178,9 @@ def _overoptimisation(rows: list[dict[str, Any]], path: Path, suffix: str) -> Pa
                 ax.plot([p[0] for p in points], [p[1] for p in points], color=color,
                         marker=marker, markersize=3, linewidth=0.8, alpha=0.5,
                         label=NAMES.get(method, method) if i == 0 else None)  # fmt: skip
-        ax.axhline(rows[0][f"reference_{key}"], color="gray", linestyle="--", linewidth=1,
-                   label="reference (SFT model)")  # fmt: skip
+        _reference(ax, rows, f"reference_{key}")
         ax.set_xlabel(KL_LABEL)
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[0].get_legend().remove()  # one legend, right of the second panel
     fig.suptitle("Proxy task: gold and proxy reward along training" + suffix)
     return _save(fig, path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from direct_align.compare.frontier import MATCHED_KL, aggregate, headline
+from direct_align.compare.frontier import MATCHED_KL, aggregate, headline, mean_std
 
 
 def _last(by_stage: dict[str, float]) -> float:
@@ -84,7 +84,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         lines.append(f"\nreward model stage{seed} (train-rm, shared by PPO and online DPO): {rm['wall_s']:.0f} s, "
                      f"peak RSS {rm['peak_rss_mb']:.0f} MB ({rm['peak_above_start_mb']:.0f} above start), "
                      f"held-out pair accuracy {rm['eval']['eval/rewards/accuracies']:.3f}")  # fmt: skip
-    reference = result["rows"][0]["reference_true_reward"] if result["rows"] else float("nan")
-    lines.append(f"\nreference (SFT model) true reward: {reference:.3f}; "
+    by_seed = {r.get("seed", 0): r["reference_true_reward"] for r in result["rows"]}
+    reference = _pm(mean_std(list(by_seed.values())), 3) if several else f"{next(iter(by_seed.values()), float('nan')):.3f}"
+    lines.append(f"\nreference (SFT model) true reward: {reference}; "
                  f"comparison took {result['runtime_s']:.0f} s")  # fmt: skip
     return "\n".join(lines)

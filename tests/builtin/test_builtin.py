@@ -128,6 +128,34 @@ def test_kto_runs_on_the_task_as_thumbs_up_or_down(default_run, tmp_path, capsys
     assert len(labels) == len(truth) and 0.08 < flipped < 0.12
 
 
+@pytest.mark.slow
+def test_a_wrong_reward_model_scores_every_evaluation_beside_the_hidden_reward(
+    default_run, tmp_path
+) -> None:
+    """The proxy task's parts: a reward model from a few noisy pairs (--train-pairs,
+    --label-noise), and a run on the same pairs scored by it along training
+    (--eval-reward-model) as well as by the hidden reward."""
+    cache, _, first = default_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    noisy = ["--train-pairs", "96", "--label-noise", "0.25"]
+    rm = tmp_path / "rm"
+    assert run_here(["train-rm", *noisy, "--max-steps", "6", "--eval-every", "0",
+                     "--output-dir", str(rm)], cache) == 0  # fmt: skip
+    assert json.loads((rm / "summary.json").read_text())["train_pairs"] == 96
+    out = tmp_path / "dpo"
+    assert run_here(["train", *noisy, "--max-steps", "4", "--eval-every", "2", "--eval-prompts", "16",
+                     "--eval-reward-model", str(rm / "final"), "--output-dir", str(out)], cache) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_pairs"] == 96
+    builtin = summary["builtin"]
+    assert {"policy/proxy_reward", "reference/proxy_reward"} <= set(builtin)
+    assert builtin["policy/proxy_reward"] != builtin["reference/proxy_reward"]
+    evaluations = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in evaluations if "eval/policy/proxy_reward" in r]
+    assert steps == [2, 4]  # along training and at the end
+    assert 0 < summary["builtin_eval_s"] < summary["runtime_s"]
+
+
 def test_train_pairs_are_a_fixed_random_subset_of_the_same_noisy_pairs(tmp_path) -> None:
     rows = [{"prompt": f"p{i}", "a": f"a{i}", "b": f"b{i}", "reward_a": i % 3, "reward_b": 1.5}
             for i in range(50)]  # fmt: skip
