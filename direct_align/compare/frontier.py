@@ -89,9 +89,12 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         first = mine[0]
         entry: dict[str, Any] = {k: first[k] for k in ("run", "method", "strength", "value")}
         entry["seeds"] = len(mine)
-        for key in ("true_reward", "kl", "total_wall_s", "cost_wall_s", "proxy_reward"):
+        for key in ("true_reward", "kl", "total_wall_s", "cost_wall_s"):
             if all(key in r for r in mine):
                 entry[key] = mean_std([r[key] for r in mine])
+        if all("proxy_reward" in r for r in mine):  # each seed's reward model has its own offset
+            entry["proxy_gain"] = mean_std([r["proxy_reward"] - r["reference_proxy_reward"]
+                                            for r in mine])  # fmt: skip
         peaks = [max(run_points(r), key=lambda p: p[1]) for r in mine]
         entry["peak_true_reward"] = mean_std([p[1] for p in peaks])
         entry["kl_at_peak"] = mean_std([p[0] for p in peaks])

@@ -167,18 +167,26 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 def _overoptimisation(rows: list[dict[str, Any]], path: Path, suffix: str) -> Path:
     """Gold (hidden) and proxy (reward-model) reward against KL, every evaluation along
     training of every run: where the proxy keeps rising and the gold falls, the reward model is
-    over-optimised."""
+    over-optimised. Each seed has its own reward model, with its own offset, so the proxy is
+    drawn as the gain over that seed's reference samples."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharex=True)
     for ax, key, label in ((axes[0], "true_reward", "gold reward (hidden)"),
-                           (axes[1], "proxy_reward", "proxy reward (the reward model's score)")):  # fmt: skip
+                           (axes[1], "proxy_reward", "proxy reward gain over the reference\n"
+                                                     "(each seed's own reward model)")):  # fmt: skip
         for method, group in _by_method(rows).items():
             color, marker = STYLE.get(method, ("black", "x"))
             for i, r in enumerate(group):
+                base = r["reference_proxy_reward"] if key == "proxy_reward" else 0.0
                 points = run_points(r, key)  # in order of training
-                ax.plot([p[0] for p in points], [p[1] for p in points], color=color,
+                ax.plot([p[0] for p in points], [p[1] - base for p in points], color=color,
                         marker=marker, markersize=3, linewidth=0.8, alpha=0.5,
                         label=NAMES.get(method, method) if i == 0 else None)  # fmt: skip
-        _reference(ax, rows, f"reference_{key}")
+        if key == "proxy_reward":
+            ax.axhline(0.0, color="gray", linestyle="--", linewidth=1, label="reference (SFT model)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            _reference(ax, rows, f"reference_{key}")
         ax.set_xlabel(KL_LABEL)
         ax.set_ylabel(label)
     axes[0].get_legend().remove()  # one legend, right of the second panel

@@ -43,16 +43,16 @@ def _runs_table(result: dict[str, Any]) -> list[str]:
 def _seeds_table(result: dict[str, Any]) -> list[str]:
     """One row per method and strength, mean ± std over seeds, with the best true reward along
     training and the KL where it was reached."""
-    runs = result.get("runs") or aggregate(result["rows"])
-    proxy = all("proxy_reward" in r for r in runs)
+    runs = aggregate(result["rows"])  # (recomputed: --plots-only reads an older comparison.json)
+    proxy = all("proxy_gain" in r for r in runs)
     lines = [
-        f"| run | final true reward | {'final proxy reward | ' if proxy else ''}final KL, nats "
+        f"| run | final true reward | {'final proxy gain over the reference | ' if proxy else ''}final KL, nats "
         "| best true reward along training | KL at best, nats | wall time without evaluation, s "
         "| peak RSS, MB |",
         "|---|---|" + ("---|" if proxy else "") + "---|---|---|---|---|",
     ]
     for r in runs:
-        extra = f" {_pm(r['proxy_reward'], 3)} |" if proxy else ""
+        extra = f" {_pm(r['proxy_gain'], 3)} |" if proxy else ""
         lines.append(f"| {r['method']} {r['strength']}={r['value']:g} | {_pm(r['true_reward'], 3)} |{extra} "
                      f"{_pm(r['kl'], 2)} | {_pm(r['peak_true_reward'], 3)} | {_pm(r['kl_at_peak'], 2)} "
                      f"| {_pm(r['cost_wall_s'], 0)} | {_pm(r['peak_rss_mb'], 0)} |")  # fmt: skip
@@ -62,7 +62,7 @@ def _seeds_table(result: dict[str, Any]) -> list[str]:
 def headline_table(result: dict[str, Any]) -> list[str]:
     """Per method: true reward on its upper frontier at each matched KL (mean ± std over seeds),
     and the mean wall time and the peak memory of one run of its pipeline."""
-    entries = result.get("headline") or headline(result["rows"])
+    entries = headline(result["rows"])
     budgets = " | ".join(f"true reward at KL {k:g}" for k in MATCHED_KL)
     lines = [f"| method | {budgets} | wall time of one run (evaluations excluded), s | peak RSS, MB | seeds |",
              "|---|" + "---|" * len(MATCHED_KL) + "---|---|---|"]  # fmt: skip
