@@ -128,9 +128,11 @@ def compare(config_file: str | None, **values: Any) -> None:
 
     On the built-in task, every method starts from the same base model and preference pairs
     (online DPO and PPO through a reward model trained on them) and runs at a few strengths,
-    each stage in its own process; it records the hidden true reward and KL of samples, wall
-    time per stage, peak memory, models in memory and tokens generated, and writes
-    comparison.json and plots. The full comparison takes about 20 minutes on 2 CPU cores.
+    each stage in its own process, over --seeds seeds; it records the hidden true reward and KL
+    of samples along training, each method's true reward at matched KL, wall time per stage,
+    peak memory, models in memory and tokens generated, and writes comparison.json and plots.
+    The full comparison takes about 20 minutes per seed on 2 CPU cores; --task proxy learns
+    the reward model from a few noisy pairs, to show over-optimisation.
     """
     from direct_align.compare.report import markdown_table
     from direct_align.compare.run import replot, run_compare

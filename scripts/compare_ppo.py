@@ -2,7 +2,8 @@
 
 Prints the table of docs/comparison.md and writes comparison.json and the plots:
 
-    python scripts/compare_ppo.py --output-dir runs/compare            # about 20 min on 2 cores
+    python scripts/compare_ppo.py --seeds 3 --output-dir runs/compare   # an hour on 2 cores
+    python scripts/compare_ppo.py --task proxy --seeds 3 --output-dir runs/proxy
     python scripts/compare_ppo.py --quick --output-dir runs/compare-quick
 """
 

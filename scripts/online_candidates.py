@@ -23,7 +23,7 @@ from direct_align.builtin.build import BuiltinSpec, default_cache_dir, ensure_bu
 from direct_align.compare.execute import run_cache, run_stage
 from direct_align.compare.frontier import MATCHED_KL, mean_std, reward_at_kl, run_points
 from direct_align.compare.plan import Stage
-from direct_align.compare.run import _curve
+from direct_align.compare.run import run_curve
 
 BASE = ("--loss", "dpo", "--beta", "0.1", "--online", "--rounds", "10", "--prompts-per-round",
         "64", "--samples-per-prompt", "4", "--epochs", "4", "--eval-every", "16",
@@ -84,7 +84,7 @@ def main() -> None:
             builtin = json.loads((out / "summary.json").read_text())["builtin"]
             rows.append({"variant": name, "seed": seed, "true_reward": builtin["policy/true_reward"],
                          "kl": builtin["policy/kl"], "wall_s": wall,
-                         "curve": _curve(str(out), builtin)})  # fmt: skip
+                         "curve": run_curve(str(out), builtin)})  # fmt: skip
             print(f"seed {seed} {name}: true reward {rows[-1]['true_reward']:.3f}, "
                   f"KL {rows[-1]['kl']:.2f}, {wall:.0f} s", flush=True)
     (opts.out / "candidates.json").write_text(json.dumps(rows, indent=1))

@@ -37,7 +37,7 @@ def _above_start(result: StageResult) -> float:
     return round(result.peak_rss_mb - start, 1) if start is not None else float("nan")
 
 
-def _curve(output_dir: str, builtin: dict[str, float]) -> list[dict[str, float]]:
+def run_curve(output_dir: str, builtin: dict[str, float]) -> list[dict[str, float]]:
     """The run's evaluations on the held-out prompts, in order of step, from step 0: there the
     policy is the reference, and its samples (same seed) are the reference's, so that point is
     the reference's reward at KL 0 when the run did not evaluate it itself."""
@@ -83,7 +83,7 @@ def _row(method: Method, results: list[StageResult], seed: int) -> dict[str, Any
         "tokens_generated": final.get("tokens_generated", 0),
         "commands": [r.command for r in results],
         **proxy,
-        "curve": _curve(results[-1].output_dir, builtin),
+        "curve": run_curve(results[-1].output_dir, builtin),
     }  # fmt: skip
 
 
