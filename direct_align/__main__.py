@@ -2,4 +2,5 @@
 
 from direct_align.cli import main
 
-main()
+if __name__ == "__main__":  # not when a fork server imports it
+    main()

@@ -167,7 +167,7 @@ def _run_seed(cfg: CompareConfig, seed: int, where: Path, cache_root: Path, grou
             cache = run_cache(caches, "reward_model", cache_root / "builtin")
             tracking = _tracking(cfg, group, _name("reward-model", seed_keys),
                                  {"method": "reward-model", **seed_keys})  # fmt: skip
-            rm_result = run_stage(shared_rm, runs / "reward_model", cache, tracking)
+            rm_result = run_stage(shared_rm, runs / "reward_model", cache, tracking, warm=cfg.quick)
         return rm_result
 
     if cfg.task == "proxy" and methods:  # every run is also scored by the reward model
@@ -199,11 +199,13 @@ def _run_method_stage(cfg: CompareConfig, stage: Stage, method: Method,
         extra = ("--reward-model" if stage.name == "ppo" else "--reward", rm_final)
     if cfg.task == "proxy":
         extra += ("--eval-reward-model", rm_final)
-    cache = run_cache(caches, method.name, cache_root / "builtin")
+    # quick: one cache for every run, so the reference log-probs are computed once, as a user
+    # would have them; a full comparison charges every run its own reference pass
+    cache = run_cache(caches, "shared" if cfg.quick else method.name, cache_root / "builtin")
     tracking = _tracking(cfg, group, _name(method.name, seed_keys), {
         "method": method.method, "strength": method.strength, "value": method.value,
         **seed_keys})  # fmt: skip
-    return run_stage(stage, runs / method.name, cache, (*extra, *tracking))
+    return run_stage(stage, runs / method.name, cache, (*extra, *tracking), warm=cfg.quick)
 
 
 def _name(run: str, seed_keys: dict[str, int]) -> str:

@@ -17,8 +17,10 @@ METHODS = ("dpo", "ipo", "orpo", "simpo", "robust", "cdpo", "ppo", "online-dpo",
 class CompareConfig(s.TrackerSettings):
     """Settings of one comparison (every run's own settings are in its command line)."""
 
-    quick: bool = Setting(bool, False, "One strength per method and short runs (a few minutes; "
-                                       "what the tests run).").field()  # fmt: skip
+    quick: bool = Setting(bool, False, "One strength per method and short runs (two minutes; "
+                                       "what the tests run). Stages are forked from a warm "
+                                       "process and share one reference cache, so its times are "
+                                       "a first look.").field()  # fmt: skip
     output_dir: str | None = s.OUTPUT_DIR.field(help="Where the table, plots and every run go "
                                                      "(default: runs/compare-TIMESTAMP).")  # fmt: skip
     overwrite: bool = s.OVERWRITE.field()
