@@ -282,3 +282,10 @@ def uses_bf16(cfg: Any) -> bool:
     return cfg.precision == "bf16" or (
         cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     )
+
+
+def frozen_dtype(cfg: Any) -> torch.dtype:
+    """The dtype a frozen model (a reference, a reward model that judges) loads in: the run's
+    compute dtype, since it only runs forward passes (bf16: half the memory of fp32). Trained
+    models load in fp32, their master weights."""
+    return torch.bfloat16 if uses_bf16(cfg) else torch.float32

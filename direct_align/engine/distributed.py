@@ -9,16 +9,17 @@ and talks to trackers; the others wait for it where the files matter.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 
 from direct_align.errors import ConfigError
 
@@ -38,6 +39,8 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
         _fsdp_on_cpus(accelerator)
     if cpus and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         _deepspeed_on_cpus(accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _fsdp_bf16_policy(accelerator)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         stage = accelerator.state.deepspeed_plugin.zero_stage
         if stage == 3:
@@ -100,6 +103,41 @@ def _fsdp_on_cpus(accelerator: Accelerator) -> None:
     state.fsdp_plugin = plugin
     # every later AcceleratorState() copies PartialState's type over its own: set both
     state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+
+
+def reads_weights(accelerator: Accelerator) -> bool:
+    """Whether this process reads the policy's checkpoint. Under FSDP with accelerate's
+    ``cpu_ram_efficient_loading`` (on in ``configs/accelerate/fsdp.yaml``) only the main process
+    does: ``prepare`` broadcasts its tensors into every process's shards, so the others build
+    the model without reading it (:func:`~direct_align.models.loading.unread_model`)."""
+    plugin = accelerator.state.fsdp_plugin if shards(accelerator) else None
+    return (accelerator.is_main_process or accelerator.num_processes == 1 or plugin is None
+            or not plugin.cpu_ram_efficient_loading)  # fmt: skip
+
+
+def from_main(compute: Callable[[], T], accelerator: Accelerator) -> T:
+    """``compute()`` run in the main process alone, its (picklable) result given to every
+    process; a collective."""
+    if accelerator.num_processes == 1:
+        return compute()
+    box = [compute() if accelerator.is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def _fsdp_bf16_policy(accelerator: Accelerator) -> None:
+    """FSDP2 in bf16 as close to one process under autocast as sharding allows. accelerate's
+    policy gathers the weights in bf16 and computes with them (kept), reduces the gradients in
+    bf16 (here fp32, and so accumulated in fp32 over the micro-batches), and casts every unit's
+    outputs to bf16: the root's too, which are the policy's per-sequence log-prob sums (about
+    -130 for 64 tokens, where bf16 keeps 3 significant digits: DPO's margins vanished and the
+    step-2 loss was off by 1e-2). Outputs are left in the dtype they are computed in. Master
+    weights and AdamW's state stay fp32."""
+    plugin = accelerator.state.fsdp_plugin
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if plugin.fsdp_version == 2 and policy is not None and policy.param_dtype == torch.bfloat16:
+        plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32,
+                                                            output_dtype=None)  # fmt: skip
 
 
 def is_main_rank() -> bool:
@@ -168,6 +206,10 @@ def root_unsharded(model: torch.nn.Module, accelerator: Accelerator) -> Iterator
     if not shards(accelerator) or not hasattr(model, "unshard"):
         yield
         return
+    # FSDP2 finds its root at the first forward; when that is a submodule's (sampling before
+    # any pass through the whole model, e.g. online DPO without eval pairs), each unit called
+    # would claim the root ("FSDP requires a single root module"): settle it here first
+    model._get_fsdp_state()._lazy_init()
     model.unshard()
     try:
         yield
@@ -204,9 +246,18 @@ def gathered_state_dict(model: torch.nn.Module, accelerator: Accelerator,
     return state
 
 
+def engine_name(accelerator: Accelerator) -> str:
+    """What runs the processes: "FSDP", "DeepSpeed", "DDP" or "one process"."""
+    named = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}
+    if accelerator.distributed_type in named:
+        return named[accelerator.distributed_type]
+    return "DDP" if accelerator.num_processes > 1 else "one process"
+
+
 def check_resumable(checkpoint: Path, accelerator: Accelerator) -> None:
     """A checkpoint loads only under the engine that wrote it: FSDP (``pytorch_model_fsdp_*``),
-    DeepSpeed (``pytorch_model/`` with ``latest``) or neither. Say so before any work."""
+    DeepSpeed (``pytorch_model/`` with ``latest``) or neither; an FSDP checkpoint also in one
+    process. Say so before any work."""
     if any(checkpoint.glob("pytorch_model_fsdp_*")):
         written = "FSDP"
     elif (checkpoint / "latest").is_file():
@@ -215,7 +266,10 @@ def check_resumable(checkpoint: Path, accelerator: Accelerator) -> None:
         written = "DDP or one process"
     running = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(
         accelerator.distributed_type, "DDP or one process")
+    if written == "FSDP" and running != "DeepSpeed" and accelerator.num_processes == 1:
+        return  # read whole (engine/unshard.py); under FSDP on any process count
     if written != running:
+        where = " (any process count) or in one process" if written == "FSDP" else ""
         raise ConfigError(f"--resume: {checkpoint} was written under {written} and this run is "
-                          f"under {running}; resume it under {written}")  # fmt: skip
+                          f"under {running}; resume it under {written}{where}")  # fmt: skip
 

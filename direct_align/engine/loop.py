@@ -23,8 +23,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from direct_align.engine.distributed import shards
 from direct_align.engine.outputs import read_state
 from direct_align.engine.tracking import peak_memory_gb, progress
+from direct_align.engine.unshard import load_unsharded, written_sharded
 from direct_align.errors import ConfigError, DirectAlignError, NonFinite, one_line
 
 log = logging.getLogger(__name__)
@@ -135,7 +137,10 @@ class Loop(Generic[S]):
         if checkpoint is None:
             return False
         try:
-            self.accelerator.load_state(str(checkpoint), **(load_kwargs or {}))
+            if written_sharded(checkpoint) and not shards(self.accelerator):
+                load_unsharded(checkpoint, self.accelerator)  # FSDP's shards, read whole
+            else:
+                self.accelerator.load_state(str(checkpoint), **(load_kwargs or {}))
             _check_rng_restored(checkpoint, self.accelerator.process_index)
         except (RuntimeError, ValueError, OSError, KeyError, pickle.UnpicklingError) as e:
             raise ConfigError(f"--resume: cannot load {checkpoint}: {one_line(e)}") from None

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from direct_align import engine
 from direct_align.config import settings_of, to_dict
@@ -37,13 +38,21 @@ from direct_align.engine.distributed import (
     any_across,
     check_process_count,
     check_resumable,
+    engine_name,
     gathered_state_dict,
     make_accelerator,
     quiet_unless_main,
     shards,
 )
 from direct_align.engine.outputs import RunDir, read_state, write_atomic, writing
-from direct_align.engine.tracking import NullTracker, Tracker, package_versions, resident_mb
+from direct_align.engine.tracking import (
+    PEAKS_AT,
+    NullTracker,
+    Tracker,
+    package_versions,
+    peak_mb,
+    resident_mb,
+)
 from direct_align.errors import ConfigError, Interrupted, NonFinite
 
 log = logging.getLogger(__name__)
@@ -62,6 +71,7 @@ class Session:
         self.command = "direct-align " + shlex.join(argv)
         self.cfg = cfg
         self.inputs: dict[str, Any] = {}
+        self.memory: list[dict[str, Any]] | None = None  # per process, when final/ is written
         self.resuming = bool(getattr(cfg, "resume", False))
         self.run = RunDir(cfg.output_dir)
         self.run.check(resume=self.resuming, overwrite=cfg.overwrite)
@@ -233,6 +243,10 @@ class Session:
 
         self.check_finite(prepared, "final/ was not written")
         self.barrier()
+        self.memory = gather_object([{"process": self.accelerator.process_index,
+                                      "rss_at_start_mb": self.rss_at_start,
+                                      "peak_when_prepared_mb": PEAKS_AT.get("prepared"),
+                                      "peak_rss_mb": peak_mb()}])  # fmt: skip
         whole = gathered_state_dict(prepared, self.accelerator, prefix=f"{inner}." if inner else "")
         if not self.main:
             return None
@@ -266,7 +280,12 @@ class Session:
         if not self.main:
             return None
         summary = {**summary, "processes": self.accelerator.num_processes,
+                   "engine": engine_name(self.accelerator),
                    "rss_at_start_mb": self.rss_at_start,
+                   # each process's memory before any model, its peak once the engine held
+                   # the model (no step yet) and until final/ was gathered (under FSDP, into
+                   # the main process)
+                   **({"memory_by_process": self.memory} if self.memory else {}),
                    "runtime_s": round(time.time() - self.started, 1), "inputs": self.inputs}  # fmt: skip
         self.tracker.summary({**(tracked if tracked is not None else summary),
                               "runtime_s": summary["runtime_s"]})  # fmt: skip

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from direct_align.engine.distributed import any_across, backward, configure_deepspeed, sum_across
+from direct_align.engine.tracking import PEAKS_AT, peak_mb
 from direct_align.errors import ConfigError, NonFinite
 
 T = TypeVar("T")
@@ -74,6 +75,7 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
     handed to accelerate, which would pickle it: :class:`Loop` keeps its state as JSON."""
     configure_deepspeed(accelerator, micro_batch_size, max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
+    PEAKS_AT["prepared"] = peak_mb()  # loading and sharding done, no step yet
     return model, optimizer, _trained_only_checkpoints(accelerator, model)
 
 

@@ -273,6 +273,18 @@ def resident_mb() -> float | None:
     return round(pages * resource.getpagesize() / 2**20, 1)
 
 
+# the process's peak resident memory at named points of the run (e.g. "prepared": once the
+# engine holds the model, before any step), for summary.json's memory_by_process
+PEAKS_AT: dict[str, float] = {}
+
+
+def peak_mb() -> float:
+    """The process's peak resident memory so far, in MiB (``ru_maxrss``: KiB on Linux, bytes
+    on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 # --- console tables ---------------------------------------------------------------------------
 
 

@@ -9,8 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from direct_align.errors import ConfigError, one_line
@@ -54,17 +61,49 @@ def load_tokenizer(name: str, option: str = "--model") -> PreTrainedTokenizerBas
     return tokenizer
 
 
-def load_causal_lm(
-    name: str, *, dtype: torch.dtype = torch.float32, option: str = "--model"
-) -> PreTrainedModel:
-    """A causal LM in ``dtype``, on the CPU, with the library's default attention."""
+def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, option: str = "--model",
+                   unread: bool = False) -> PreTrainedModel:  # fmt: skip
+    """A causal LM in ``dtype``, on the CPU, with the library's default attention.
+
+    ``unread``: build it from its config with room for its weights but without reading them
+    (:func:`unread_model`), for a process that will receive them from another."""
     check_model_path(name, option)
+    path = str(Path(name).expanduser())
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(Path(name).expanduser()), dtype=dtype)
+        if unread:
+            return unread_model(path, dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{option}: cannot load a causal LM from '{name}': "
                           f"{one_line(e)}") from None  # fmt: skip
-    return model
+
+
+def unread_model(path: str, dtype: torch.dtype, auto_class: Any = AutoModelForCausalLM,
+                 **config: Any) -> PreTrainedModel:  # fmt: skip
+    """The model at ``path`` as ``auto_class`` (with ``config`` overrides, e.g. ``num_labels``)
+    built from its config, its parameters allocated (uninitialised,
+    so the operating system has not yet backed them with memory) but not read from disk; the
+    buffers it computes itself (e.g. rotary frequencies) and its generation settings are real.
+
+    Under FSDP with ``cpu_ram_efficient_loading`` the main process alone reads the checkpoint
+    and accelerate broadcasts each tensor into every process's shard, so the other processes
+    never hold the whole model. Their parameters must still be distinct real tensors (accelerate
+    maps the optimizer's parameters to their shards by data pointer), which ``torch.empty``
+    gives without touching the pages."""
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(AutoConfig.from_pretrained(path, **config), dtype=dtype)
+    made: dict[int, nn.Parameter] = {}  # tied parameters (embeddings and LM head) stay one
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                   requires_grad=param.requires_grad)  # fmt: skip
+                module._parameters[name] = made[id(param)]
+    model.tie_weights()  # accelerate's empty init registers a new tensor where one was tied
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()
 
 
 def preference_model(model: PreTrainedModel, cfg: Any, *, bf16: bool,
@@ -88,11 +127,14 @@ def preference_model(model: PreTrainedModel, cfg: Any, *, bf16: bool,
     return PreferenceModel(model, chunked=cfg.chunked_logprobs, attention="segments")
 
 
-def load_policy(model_path: str, cfg: Any, *, bf16: bool, device: torch.device) -> PreferenceModel:
+def load_policy(model_path: str, cfg: Any, *, bf16: bool, device: torch.device,
+                unread: bool = False) -> PreferenceModel:  # fmt: skip
     """The policy to train: the model at ``model_path``, with LoRA adapters when ``cfg.lora_r``
     is set, its dropout off (``cfg.disable_dropout``), wrapped by :func:`preference_model`, with
-    gradient checkpointing when asked."""
-    model = load_causal_lm(model_path)
+    gradient checkpointing when asked. ``unread``: its weights come from the main process when
+    the engine shards it (see :func:`unread_model`). It loads in fp32 whatever the compute
+    precision: those are the master weights that AdamW updates."""
+    model = load_causal_lm(model_path, unread=unread)
     if cfg.lora_r is not None:
         model = apply_lora(model, cfg)
         log.info("LoRA r=%d alpha=%g on %s: %s", cfg.lora_r, cfg.lora_alpha,

@@ -146,22 +146,31 @@ def merged_state_dict(model: Any) -> dict[str, torch.Tensor]:
     return state
 
 
+# final/ in safetensors files of at most this size, with an index when there are several (the
+# Hub's convention; a 7B policy in fp32 is 6 files), so no file is too large to upload or mmap
+FINAL_SHARD_SIZE = "5GB"
+
+
 def save_final(model: Any, tokenizer: Any, path: Path, how: str = "adapter",
-               state_dict: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+               state_dict: dict[str, torch.Tensor] | None = None,
+               max_shard_size: int | str = FINAL_SHARD_SIZE) -> None:  # fmt: skip
     """Write ``model`` and ``tokenizer`` to the directory ``path``.
 
     A peft model is saved as its adapter (``adapter_config.json``, ``adapter_model.safetensors``;
     load with ``peft.AutoPeftModelForCausalLM`` or ``PeftModel.from_pretrained(base, path)``) or,
     with ``how="merged"``, as a full model with the adapters merged into the weights (load with
-    ``AutoModelForCausalLM``). Any other model is saved whole. ``state_dict``: ``model``'s
-    weights gathered whole, where its own are sharded (FSDP).
+    ``AutoModelForCausalLM``). Any other model is saved whole, in files of ``max_shard_size``
+    (``model.safetensors``, or ``model-0000K-of-0000N.safetensors`` and
+    ``model.safetensors.index.json``). ``state_dict``: ``model``'s weights gathered whole, where
+    its own are sharded (FSDP).
     """
     if not is_peft(model):
-        model.save_pretrained(path, state_dict=state_dict)
+        model.save_pretrained(path, state_dict=state_dict, max_shard_size=max_shard_size)
     elif how == "merged":
         if state_dict is not None:  # run_train refuses this before training
             raise ConfigError("--lora-save merged is not supported under FSDP")
-        model.get_base_model().save_pretrained(path, state_dict=merged_state_dict(model))
+        model.get_base_model().save_pretrained(path, state_dict=merged_state_dict(model),
+                                               max_shard_size=max_shard_size)  # fmt: skip
     else:
         model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)

@@ -37,7 +37,7 @@ from direct_align.ppo.settings import PPOConfig, check_processes
 from direct_align.rm.model import load_reward_model
 from direct_align.rm.run import run_train_rm
 from direct_align.rm.settings import RewardConfig
-from direct_align.settings import uses_bf16
+from direct_align.settings import frozen_dtype, uses_bf16
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
             for model in (policy, critic) if critic is not None else (policy,):
                 disable_dropout(model)
         actor_critic = ActorCritic(policy, critic)
-        reference = _frozen(load_causal_lm(inputs.model_path), device)
+        reference = _frozen(load_causal_lm(inputs.model_path, dtype=frozen_dtype(cfg)), device)
         reward_model = _frozen(reward_model, device)
         models_in_memory = 3 + (critic is not None)
         log.info("ppo: %d models in memory (policy, %sreference, reward model)", models_in_memory,

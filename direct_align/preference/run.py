@@ -21,6 +21,7 @@ from direct_align.builtin.inputs import Inputs, resolve_inputs
 from direct_align.builtin.report import HiddenRewardReport
 from direct_align.data import PairDataset, prepare_pairs, split_holdout
 from direct_align.data.prompts import load_prompts
+from direct_align.engine.distributed import from_main, reads_weights
 from direct_align.engine.session import Session, free_memory
 from direct_align.engine.tracking import first_eval
 from direct_align.errors import ConfigError, DataError
@@ -46,7 +47,7 @@ from direct_align.preference.reference import (
 )
 from direct_align.preference.settings import TrainConfig, balance_kto, loss_kwargs, uses_reference
 from direct_align.rewards import RewardModelJudge, load_rewards
-from direct_align.settings import uses_bf16
+from direct_align.settings import frozen_dtype, uses_bf16
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
     _start(cfg, session)
     accelerator = session.accelerator
     set_seed(cfg.seed)
-    policy = load_policy(inputs.model_path, cfg, bf16=uses_bf16(cfg), device=accelerator.device)
+    policy = load_policy(inputs.model_path, cfg, bf16=uses_bf16(cfg), device=accelerator.device,
+                         unread=not reads_weights(accelerator))  # fmt: skip
     refs: dict[str, ReferenceLogps] | Callable[[PreferenceModel], dict[str, ReferenceLogps]] = {}
     ref_status: dict[str, str] = {}
     if uses_reference(cfg):
@@ -184,12 +186,12 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
         if session.sharded and not cfg.ref_model:
             # FSDP: no device holds the policy whole; the sharded initial policy scores the
             # pairs in fit, before any step (so the output directory exists by then)
-            refs = partial(score_sharded, score, fingerprint=model_fingerprint(policy.model),
-                           status=ref_status)  # fmt: skip
+            fingerprint = from_main(lambda: model_fingerprint(policy.model), accelerator)
+            refs = partial(score_sharded, score, fingerprint=fingerprint, status=ref_status)
         else:
             reference = policy  # the initial policy; with LoRA, the base (adapters off below)
             if cfg.ref_model:
-                ref_lm = load_causal_lm(cfg.ref_model, option="--ref-model")
+                ref_lm = load_causal_lm(cfg.ref_model, dtype=frozen_dtype(cfg), option="--ref-model")
                 reference = preference_model(ref_lm, cfg, bf16=uses_bf16(cfg),
                                              device=accelerator.device)  # fmt: skip
             reference.to(accelerator.device)
@@ -246,14 +248,15 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
     #    adapters off, or a second model held in memory
     set_seed(cfg.seed)
     bf16 = uses_bf16(cfg)
-    policy = load_policy(inputs.model_path, cfg, bf16=bf16, device=accelerator.device)
+    policy = load_policy(inputs.model_path, cfg, bf16=bf16, device=accelerator.device,
+                         unread=not reads_weights(accelerator))  # fmt: skip
     reference: PreferenceModel | AdaptersOff | None = None
     ref_eval: ReferenceLogps | Callable[[PreferenceModel], ReferenceLogps] | None = None
     if uses_reference(cfg) and cfg.lora_r is not None and not cfg.ref_model:
         # under FSDP no device holds the policy whole: it moves there sharded (fit_online)
         reference = AdaptersOff(policy if session.sharded else policy.to(accelerator.device))
     elif uses_reference(cfg):
-        ref_lm = load_causal_lm(cfg.ref_model or inputs.model_path,
+        ref_lm = load_causal_lm(cfg.ref_model or inputs.model_path, dtype=frozen_dtype(cfg),
                                 option="--ref-model" if cfg.ref_model else "--model")  # fmt: skip
         reference = preference_model(ref_lm.requires_grad_(False), cfg, bf16=bf16,
                                      device=accelerator.device)  # fmt: skip
@@ -261,7 +264,8 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
     if reference is not None and evals is not None:
         score = _scorer(cfg, inputs, tokenizer, session, {"eval": evals})
         if session.sharded and isinstance(reference, AdaptersOff):  # the sharded policy scores
-            whole_fp = model_fingerprint(policy.model)  # of the weights before sharding
+            # of the weights before sharding, which the main process alone has read
+            whole_fp = from_main(lambda: model_fingerprint(policy.model), accelerator)
             ref_eval = lambda prepared: score_sharded(  # noqa: E731
                 score, prepared, fingerprint=whole_fp, status={})["eval"]
         else:

@@ -20,22 +20,27 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from direct_align.data import PairBatch, fit_pair
 from direct_align.data.prompts import encode_prompts
 from direct_align.errors import ConfigError, one_line
-from direct_align.models.loading import check_model_path
+from direct_align.models.loading import check_model_path, unread_model
 
 
-def load_reward_model(
-    name: str, tokenizer: PreTrainedTokenizerBase, *, option: str = "--model"
-) -> PreTrainedModel:
+def load_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, *, option: str = "--model",
+                      unread: bool = False) -> PreTrainedModel:  # fmt: skip
     """An fp32 reward model on the CPU: a saved one, or a causal LM with a fresh scalar head.
 
     The head of a causal LM is initialised from the global torch RNG (seed it first). The pad
     token id is set from ``tokenizer``, so that the last real token of each row is scored.
+    ``unread``: built without reading its weights, which the main process will broadcast
+    (:func:`~direct_align.models.loading.unread_model`).
     """
     check_model_path(name, option)
+    path = str(Path(name).expanduser())
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(Path(name).expanduser()), num_labels=1, dtype=torch.float32
-        )
+        if unread:
+            model = unread_model(path, torch.float32, AutoModelForSequenceClassification,
+                                 num_labels=1)  # fmt: skip
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                                       dtype=torch.float32)  # fmt: skip
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{option}: cannot load '{name}' as a reward model "
                           f"(sequence classifier): {one_line(e)}") from None  # fmt: skip

@@ -17,6 +17,13 @@ ARGS = ["--loss", "dpo", "--batch-size", "4", "--grad-accum", "2", "--max-steps"
         "--attn", "segments"]  # fmt: skip
 
 
+# what `accelerate launch --config_file configs/accelerate/fsdp.yaml` exports, in fp32
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+            "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_RESHARD_AFTER_FORWARD": "true",
+            "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true",
+            "FSDP_SYNC_MODULE_STATES": "true"}  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,6 +66,10 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "final" / "model.safetensors"))
 
 
+def records(run: Path) -> list[dict]:
+    """The run's metrics.jsonl."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").open()]
+
+
 def last_train_record(run: Path) -> dict:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
-    return [r for r in records if "train/loss" in r][-1]
+    return [r for r in records(run) if "train/loss" in r][-1]

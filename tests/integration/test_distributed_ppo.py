@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import free_port
+from launch import FSDP_ENV, free_port
 from safetensors.torch import load_file
 
 from direct_align.cli import main
@@ -31,9 +31,11 @@ PPO_ARGS = ["--rollouts", "2", "--rollout-batch-size", "4", "--mini-batch-size",
             "--learning-rate", "1e-2"]  # fmt: skip
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """`direct-align ARGS` in two processes (torchrun, gloo on CPU), on this checkout's code."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`direct-align ARGS` in two processes (torchrun, gloo on CPU), on this checkout's code,
+    with ``env`` added to the environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2]),
+           **(env or {})}  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={free_port()}", "-m", "direct_align", *args]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -46,12 +48,18 @@ def pairs(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("mp") / "pairs.jsonl", rows("standard", 26, seed=5))
 
 
-def test_train_rm_in_two_processes_matches_one(tiny_model_dir, pairs, tmp_path) -> None:
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_train_rm_in_two_processes_matches_one(tiny_model_dir, pairs, tmp_path, engine) -> None:
     """Also at the end of the epoch, where the last step's one micro-batch goes to process 0
-    and process 1 runs a stand-in weighted 0 (else DDP would wait for it forever)."""
+    and process 1 runs a stand-in weighted 0 (else DDP would wait for it forever). Under FSDP
+    (the variables of configs/accelerate/fsdp.yaml) process 1 builds the model without reading
+    it and receives its shards, the fresh head included, from process 0."""
     common = ["--model", str(tiny_model_dir), "--dataset", str(pairs), *RM_ARGS]
     main(["train-rm", *common, "--output-dir", str(tmp_path / "one")])
-    result = torchrun("train-rm", *common, "--output-dir", str(tmp_path / "two"))
+    result = torchrun("train-rm", *common, "--output-dir", str(tmp_path / "two"),
+                      env=FSDP_ENV if engine == "fsdp" else None)  # fmt: skip
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["engine"] == {"ddp": "DDP", "fsdp": "FSDP"}[engine]
     one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     assert one.keys() == two.keys()
