@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import resource
 import shlex
@@ -94,9 +95,19 @@ _PRELOAD = ["direct_align.cli", "direct_align.preference.run", "direct_align.rm.
 
 @cache
 def _warm_context() -> multiprocessing.context.BaseContext:
-    os.environ["TQDM_DISABLE"] = "1"  # read by tqdm at import, so set before the server starts
+    """The fork server, started once, with ``TQDM_DISABLE`` set for it alone (tqdm reads it
+    at import, which happens in the server)."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        if before is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = before
     return context
 
 
