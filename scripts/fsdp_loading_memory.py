@@ -38,6 +38,7 @@ from pathlib import Path
 
 from direct_align.builtin.build import BuiltinSpec, default_cache_dir, ensure_builtin
 from direct_align.builtin.task import sample_prompts
+from direct_align.engine.tracking import maxrss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -79,7 +80,7 @@ def run(setup: str, train_args: list[str], out: Path) -> dict:
         tail = log_path.read_text().splitlines()[-200:]
         sys.exit("\n".join([*tail, f"{setup}: the run failed (the log's end is above)"]))
     summary = json.loads((out / "summary.json").read_text())
-    return {"processes": summary["memory_by_process"], "run_peak": usage.ru_maxrss / 2**10,
+    return {"processes": summary["memory_by_process"], "run_peak": maxrss_mb(usage.ru_maxrss),
             "seconds": time.perf_counter() - start}
 
 

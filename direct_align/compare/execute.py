@@ -16,7 +16,6 @@ import json
 import multiprocessing
 import multiprocessing.forkserver
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from direct_align.compare.plan import Stage
+from direct_align.engine.tracking import maxrss_mb, peak_mb
 from direct_align.errors import DirectAlignError
 
 
@@ -53,11 +53,6 @@ def run_cache(root: Path, name: str, builtin_dir: Path) -> Path:
     return cache
 
 
-def _peak_mb(maxrss: int) -> float:
-    """``ru_maxrss`` in MiB: KiB on Linux, bytes on macOS."""
-    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10
-
-
 def run_stage(stage: Stage, output_dir: Path, cache_dir: Path, extra: tuple[str, ...] = (),
               log_dir: Path | None = None, warm: bool = False) -> StageResult:  # fmt: skip
     """Run ``direct-align STAGE`` into ``output_dir``; raises DirectAlignError if it fails."""
@@ -66,7 +61,7 @@ def run_stage(stage: Stage, output_dir: Path, cache_dir: Path, extra: tuple[str,
     log_dir = log_dir or output_dir.parent
     log = log_dir / f"{output_dir.name}.log"
     start = time.perf_counter()
-    code, peak_kb = _run_warm(args, log) if warm else _run_cold(args, log)
+    code, peak = _run_warm(args, log) if warm else _run_cold(args, log)
     wall = time.perf_counter() - start
     if code != 0:
         lines = [line for line in log.read_text().splitlines() if line.strip()]
@@ -75,17 +70,17 @@ def run_stage(stage: Stage, output_dir: Path, cache_dir: Path, extra: tuple[str,
                                f"status {code} ({last}); log: {log}")  # fmt: skip
     summary = json.loads((output_dir / "summary.json").read_text())
     return StageResult(stage.name, "direct-align " + shlex.join(args), round(wall, 1),
-                       round(_peak_mb(peak_kb), 1), summary, str(output_dir))  # fmt: skip
+                       peak, summary, str(output_dir))  # fmt: skip
 
 
-def _run_cold(args: list[str], log: Path) -> tuple[int, int]:
-    """``python -m direct_align ARGS`` as a new process: (exit status, its peak RSS)."""
+def _run_cold(args: list[str], log: Path) -> tuple[int, float]:
+    """``python -m direct_align ARGS`` as a new process: (exit status, its peak RSS in MiB)."""
     env = {**os.environ, "TQDM_DISABLE": "1"}
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "direct_align", *args], stdout=out,
                                 stderr=subprocess.STDOUT, env=env)  # fmt: skip
         _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), usage.ru_maxrss
+    return os.waitstatus_to_exitcode(status), maxrss_mb(usage.ru_maxrss)
 
 
 # what the fork server imports once, so that no stage pays for it
@@ -111,8 +106,9 @@ def _warm_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _run_warm(args: list[str], log: Path) -> tuple[int, int]:
-    """``direct-align ARGS`` in a process forked from the warm server: (exit status, peak RSS)."""
+def _run_warm(args: list[str], log: Path) -> tuple[int, float]:
+    """``direct-align ARGS`` in a process forked from the warm server: (exit status, its peak
+    RSS in MiB)."""
     receive, send = multiprocessing.Pipe(duplex=False)
     proc = _warm_context().Process(target=_warm_stage, args=(args, str(log), send))
     proc.start()
@@ -120,7 +116,7 @@ def _run_warm(args: list[str], log: Path) -> tuple[int, int]:
     try:
         peak = receive.recv()
     except EOFError:  # the stage died before it could say
-        peak = 0
+        peak = 0.0
     proc.join()
     return (proc.exitcode if proc.exitcode is not None else 1), peak
 
@@ -140,5 +136,5 @@ def _warm_stage(args: list[str], log: str, send: Any) -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        send.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        send.send(peak_mb())
     sys.exit(code)

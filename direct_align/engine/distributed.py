@@ -264,8 +264,8 @@ def check_resumable(checkpoint: Path, accelerator: Accelerator) -> None:
         written = "DeepSpeed"
     else:
         written = "DDP or one process"
-    running = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(
-        accelerator.distributed_type, "DDP or one process")
+    running = engine_name(accelerator)
+    running = "DDP or one process" if running in ("DDP", "one process") else running
     if written == "FSDP" and running != "DeepSpeed" and accelerator.num_processes == 1:
         return  # read whole (engine/unshard.py); under FSDP on any process count
     if written != running:

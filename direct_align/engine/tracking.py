@@ -278,11 +278,14 @@ def resident_mb() -> float | None:
 PEAKS_AT: dict[str, float] = {}
 
 
+def maxrss_mb(maxrss: int) -> float:
+    """``ru_maxrss`` in MiB: KiB on Linux, bytes on macOS."""
+    return round(maxrss / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 def peak_mb() -> float:
-    """The process's peak resident memory so far, in MiB (``ru_maxrss``: KiB on Linux, bytes
-    on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+    """The process's peak resident memory so far, in MiB."""
+    return maxrss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 # --- console tables ---------------------------------------------------------------------------
