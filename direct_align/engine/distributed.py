@@ -217,12 +217,31 @@ def root_unsharded(model: torch.nn.Module, accelerator: Accelerator) -> Iterator
         model.reshard()
 
 
-def refuse_sharding(command: str, accelerator: Accelerator) -> None:
-    """``command`` samples or scores with the policy outside the training step, which a sharded
-    (FSDP) policy cannot do in one process: refuse FSDP in one line."""
-    if shards(accelerator):
-        raise ConfigError(f"{command} does not run under FSDP yet (only `direct-align train` "
-                          "offline does); use DDP (configs/accelerate/ddp.yaml) or LoRA")  # fmt: skip
+def shard_frozen(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
+    """A frozen model (a reference, a reward model) ready to score: under FSDP sharded as the
+    policy is (a unit per decoder layer, the rest in the root), its weights broadcast from the
+    main process where only it read them (``cpu_ram_efficient_loading``), in the dtype it was
+    loaded in; elsewhere moved to the device. Its forward must do all the scoring: FSDP gathers
+    weights around forwards. It has no optimizer and is in no checkpoint. Under FSDP a
+    collective: every process shards its frozen models in the same order and scores in step."""
+    model.requires_grad_(False).eval()
+    if not shards(accelerator):
+        return model.to(accelerator.device)
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ConfigError("frozen models (a reference, a reward model) are sharded with FSDP2 "
+                          "only: set fsdp_version: 2, as configs/accelerate/fsdp.yaml does")  # fmt: skip
+    names = plugin.transformer_cls_names_to_wrap
+    if not os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):  # the model's own layer classes
+        plugin.transformer_cls_names_to_wrap = list(getattr(model, "_no_split_modules", None) or [])
+    try:
+        model = fsdp2_prepare_model(accelerator, model)
+    finally:
+        plugin.transformer_cls_names_to_wrap = names
+    model.set_reshard_after_forward(True)  # the root too: no backward follows to reshard it
+    return model
 
 
 def gathered_state_dict(model: torch.nn.Module, accelerator: Accelerator,

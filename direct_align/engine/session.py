@@ -98,17 +98,12 @@ class Session:
         if differs:
             raise ConfigError(f"--resume: settings differ from {saved_path} ({'; '.join(differs)})")
 
-    def start(self, *, bf16: bool = False, grad_accum: int | None = None,
-              unsharded: str | None = None) -> Accelerator:  # fmt: skip
+    def start(self, *, bf16: bool = False, grad_accum: int | None = None) -> Accelerator:
         """The accelerator of the run (one process, or all of a launcher's), checked against
-        what the command can do: ``grad_accum`` must deal out evenly among the processes;
-        ``unsharded``: the command's name when it cannot run under FSDP. A checkpoint resumes
-        only under the engine that wrote it. From here on SIGTERM and SIGINT stop the run at
-        the next safe point instead of killing it."""
+        what the command can do: ``grad_accum`` must deal out evenly among the processes. A
+        checkpoint resumes only under the engine that wrote it. From here on SIGTERM and SIGINT
+        stop the run at the next safe point instead of killing it."""
         accelerator = make_accelerator("bf16" if bf16 else "no")
-        if unsharded is not None and shards(accelerator):
-            raise ConfigError(f"{unsharded} does not run under FSDP yet; use DDP "
-                              "(configs/accelerate/ddp.yaml) or LoRA")  # fmt: skip
         if grad_accum is not None:
             check_process_count(grad_accum, accelerator)
         if self.checkpoint_to_resume() is not None:

@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from transformers import PreTrainedModel
 
-from direct_align.engine.distributed import my_share, sum_across
+from direct_align.engine.distributed import my_share, root_unsharded, shards, sum_across
 from direct_align.engine.loop import Loop
 from direct_align.engine.session import Session
 from direct_align.engine.step import Forward, accumulate, clipped_step, make_optimizer, prepare
@@ -48,7 +47,7 @@ from direct_align.ppo.core import (
     token_rewards,
     value_loss,
 )
-from direct_align.ppo.models import ActorCritic
+from direct_align.ppo.models import ActorCritic, FrozenReference, FrozenRewardModel
 from direct_align.ppo.rollout import Rollout, generate, score_rollout
 from direct_align.ppo.settings import PPOConfig
 
@@ -128,8 +127,8 @@ def rollout_sums(rollout: Rollout, raw: torch.Tensor, scores: torch.Tensor, kl: 
 
 def fit_ppo(
     actor_critic: ActorCritic,
-    reference: PreTrainedModel,
-    reward_model: PreTrainedModel,
+    reference: FrozenReference,
+    reward_model: FrozenRewardModel,
     prompt_ids: Sequence[list[int]],
     *,
     cfg: PPOConfig,
@@ -140,7 +139,9 @@ def fit_ppo(
 ) -> tuple[PPOState, Any, bool]:
     """Train ``actor_critic`` for ``cfg.rollouts`` iterations, or until ``--max-steps-per-run``
     rollouts in this invocation; returns (the state, with counters of all processes; the
-    prepared model; finished). ``evaluate`` runs where it is given (the main process).
+    prepared model; finished). ``evaluate`` runs where it is given (the main process, and not
+    under FSDP, where no process holds the policy whole). ``reference`` and ``reward_model``
+    are ready to score (sharded under FSDP, as the policy and critic are).
 
     Raises :class:`~direct_align.errors.Interrupted` after a checkpoint on SIGTERM/SIGINT (at the
     end of a rollout), and DirectAlignError on a non-finite loss, before it reaches the weights.
@@ -170,9 +171,11 @@ def fit_ppo(
             it = state.step + 1
             with loop.step():
                 # 1-2. sample and score this process's share of the rollout's prompts
-                rollout = generate(unwrapped.policy, my_share(next(batches), accelerator),
-                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # fmt: skip
+                with root_unsharded(actor_critic, accelerator):
+                    rollout = generate(unwrapped.policy, my_share(next(batches), accelerator),
+                                       max_new_tokens=cfg.max_new_tokens,
+                                       temperature=cfg.temperature, eos_token_id=eos_token_id,
+                                       pad_token_id=pad_token_id, synced=shards(accelerator))  # fmt: skip
                 with accelerator.autocast():
                     rollout = score_rollout(rollout, unwrapped, reference, reward_model,
                                             temperature=cfg.temperature,

@@ -61,6 +61,19 @@ class ActorCritic(nn.Module):
         elif not isinstance(getattr(critic, "score", None), nn.Linear):
             raise ValueError(f"{type(critic).__name__} has no linear 'score' head to read values")
 
+    # what FSDP reads from the module it wraps: the decoder layer classes to shard as units (the
+    # embeddings, final norms and heads stay in the root, gathered around each forward and, for
+    # sampling, by root_unsharded), and how to re-tie weights after moving to the meta device
+    @property
+    def _no_split_modules(self) -> list[str]:
+        models = [self.policy] if self.critic is None else [self.policy, self.critic]
+        return sorted({name for m in models for name in getattr(m, "_no_split_modules", None) or []})
+
+    def tie_weights(self) -> None:
+        self.policy.tie_weights()
+        if self.critic is not None:
+            self.critic.tie_weights()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
                 temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """(log-probs ``[B, R]``, entropy ``[B, R]``, values ``[B, R]``) of the responses."""
@@ -96,3 +109,33 @@ def reward_scores(reward_model: PreTrainedModel, input_ids: torch.Tensor,
     width = attention_mask.shape[1]
     last = width - 1 - attention_mask.flip(-1).long().argmax(-1)  # [B]
     return reward_model.score(hidden[torch.arange(len(last)), last]).squeeze(-1).float()
+
+
+class Frozen(nn.Module):
+    """A frozen model (PPO's reference or reward model) whose forward is its scoring, so that
+    under FSDP its sharded weights are gathered around it
+    (:func:`~direct_align.engine.distributed.shard_frozen`)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        return getattr(self.model, "_no_split_modules", None)
+
+    def tie_weights(self) -> None:
+        self.model.tie_weights()
+
+
+class FrozenReference(Frozen):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                temperature: float) -> torch.Tensor:  # fmt: skip
+        """:func:`reference_logps` ``[B, R]``."""
+        return reference_logps(self.model, input_ids, attention_mask, prompt_width, temperature)
+
+
+class FrozenRewardModel(Frozen):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """:func:`reward_scores` ``[B]``."""
+        return reward_scores(self.model, input_ids, attention_mask)

@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel
 
 from direct_align.generation import left_pad
-from direct_align.ppo.models import ActorCritic, reference_logps, reward_scores
+from direct_align.ppo.models import ActorCritic, FrozenReference, FrozenRewardModel
 
 
 @dataclass
@@ -50,9 +50,12 @@ class Rollout:
 
 @torch.no_grad()
 def generate(policy: PreTrainedModel, prompt_ids: Sequence[list[int]], *, max_new_tokens: int,
-             temperature: float, eos_token_id: int, pad_token_id: int) -> Rollout:  # fmt: skip
+             temperature: float, eos_token_id: int, pad_token_id: int,
+             synced: bool = False) -> Rollout:  # fmt: skip
     """Sample one response per prompt (batched ``generate`` with a KV cache, no top-k/top-p,
-    from the global torch RNG); tokens after the first EOS become padding."""
+    from the global torch RNG); tokens after the first EOS become padding. ``synced``: every
+    process samples in step (a sharded policy gathers its layers in every forward), each
+    going on until all have finished."""
     device = next(policy.parameters()).device
     query, query_mask = left_pad(prompt_ids, pad_token_id)
     width = query.shape[1]
@@ -61,7 +64,7 @@ def generate(policy: PreTrainedModel, prompt_ids: Sequence[list[int]], *, max_ne
     out = policy.generate(
         input_ids=query.to(device), attention_mask=query_mask.to(device), do_sample=True,
         temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, synced_gpus=synced,
     )  # fmt: skip
     policy.train(was_training)
     response = out[:, width:]
@@ -73,8 +76,8 @@ def generate(policy: PreTrainedModel, prompt_ids: Sequence[list[int]], *, max_ne
 
 
 @torch.no_grad()
-def score_rollout(rollout: Rollout, actor_critic: ActorCritic, reference: PreTrainedModel,
-                  reward_model: PreTrainedModel, *, temperature: float,
+def score_rollout(rollout: Rollout, actor_critic: ActorCritic, reference: FrozenReference,
+                  reward_model: FrozenRewardModel, *, temperature: float,
                   batch_size: int) -> Rollout:  # fmt: skip
     """Fill in the policy's log-probs and values, the reference's log-probs and the reward
     model's scores, ``batch_size`` rows per forward."""
@@ -89,8 +92,8 @@ def score_rollout(rollout: Rollout, actor_critic: ActorCritic, reference: PreTra
         logps, _, values = actor_critic(ids, mask, width, temperature)
         parts["logprobs"].append(logps)
         parts["values"].append(values)
-        parts["ref_logprobs"].append(reference_logps(reference, ids, mask, width, temperature))
-        parts["scores"].append(reward_scores(reward_model, ids, mask))
+        parts["ref_logprobs"].append(reference(ids, mask, width, temperature))
+        parts["scores"].append(reward_model(ids, mask))
     actor_critic.train(was_training)
     for name, tensors in parts.items():
         setattr(rollout, name, torch.cat(tensors) * (rollout.mask if name != "scores" else 1))

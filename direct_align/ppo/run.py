@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate.utils import set_seed
 
 from direct_align.builtin.inputs import resolve_inputs
 from direct_align.builtin.report import HiddenRewardReport
 from direct_align.config import resolve
 from direct_align.data.prompts import load_prompts
+from direct_align.engine.distributed import reads_weights, shard_frozen
 from direct_align.engine.outputs import RunDir
 from direct_align.engine.session import Session
 from direct_align.engine.tracking import read_metrics
@@ -32,7 +32,7 @@ from direct_align.models.loading import (
     load_tokenizer,
 )
 from direct_align.ppo.loop import Evaluator, fit_ppo
-from direct_align.ppo.models import ActorCritic
+from direct_align.ppo.models import ActorCritic, FrozenReference, FrozenRewardModel
 from direct_align.ppo.settings import PPOConfig, check_processes
 from direct_align.rm.model import load_reward_model
 from direct_align.rm.run import run_train_rm
@@ -40,11 +40,6 @@ from direct_align.rm.settings import RewardConfig
 from direct_align.settings import frozen_dtype, uses_bf16
 
 log = logging.getLogger(__name__)
-
-
-def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    model.requires_grad_(False)
-    return model.eval().to(device)
 
 
 def builtin_rm_config(cfg: PPOConfig, rm_dir: Path, processes: int) -> RewardConfig:
@@ -80,11 +75,15 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
         prompts = load_prompts(inputs.source, tokenizer, split=cfg.split,
                                keep=cfg.max_prompt_length).ids  # fmt: skip
         log.info("prompts: %d from %s", len(prompts), inputs.source)
-        if not builtin_rm:
-            reward_model = load_reward_model(cfg.reward_model, tokenizer, option="--reward-model")
-        policy = load_causal_lm(inputs.model_path)
-        accelerator = session.start(bf16=uses_bf16(cfg), unsharded="direct-align ppo")
+        accelerator = session.start(bf16=uses_bf16(cfg))
         check_processes(cfg, accelerator.num_processes)
+        # under FSDP only the main process reads weights; the others receive their shards
+        unread = not reads_weights(accelerator)
+        set_seed(cfg.seed)  # a causal LM loaded as a reward model gets a fresh head
+        if not builtin_rm:
+            reward_model = load_reward_model(cfg.reward_model, tokenizer, option="--reward-model",
+                                             dtype=frozen_dtype(cfg), unread=unread)  # fmt: skip
+        policy = load_causal_lm(inputs.model_path, unread=unread)
         rm_done = (rm_dir / "final").is_dir() and (rm_dir / "summary.json").is_file()
         rm_cfg = None
         if builtin_rm and not rm_done:
@@ -108,28 +107,38 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
             else:
                 log.info("reward model: trained already in %s", rm_dir)
             rm_path = str(rm_dir / "final")
-            reward_model = load_reward_model(rm_path, tokenizer)
+            reward_model = load_reward_model(rm_path, tokenizer, dtype=frozen_dtype(cfg),
+                                             unread=unread)  # fmt: skip
 
-        # 3. the models PPO holds: policy (+ value), reference, reward model, and maybe a critic
+        # 3. the models PPO holds: policy (+ value), reference, reward model, and maybe a critic;
+        #    under FSDP each is sharded (the frozen two here, policy and critic in fit_ppo)
         ppo_started = time.time()
-        device = accelerator.device
-        set_seed(cfg.seed, device_specific=True)  # each process samples its own stream
-        critic = load_reward_model(rm_path, tokenizer) if cfg.critic == "separate" else None
+        critic = None
+        if cfg.critic == "separate":
+            critic = load_reward_model(rm_path, tokenizer, unread=unread)
         if cfg.disable_dropout:
             for model in (policy, critic) if critic is not None else (policy,):
                 disable_dropout(model)
         actor_critic = ActorCritic(policy, critic)
-        reference = _frozen(load_causal_lm(inputs.model_path, dtype=frozen_dtype(cfg)), device)
-        reward_model = _frozen(reward_model, device)
+        reference_lm = load_causal_lm(inputs.model_path, dtype=frozen_dtype(cfg), unread=unread)
+        reference = shard_frozen(FrozenReference(reference_lm), accelerator)
+        reward_model = shard_frozen(FrozenRewardModel(reward_model), accelerator)
+        set_seed(cfg.seed, device_specific=True)  # each process samples its own stream
         models_in_memory = 3 + (critic is not None)
         log.info("ppo: %d models in memory (policy, %sreference, reward model)", models_in_memory,
                  "critic, " if critic is not None else "")  # fmt: skip
 
+        # the built-in task's hidden reward, in the main process: along training, or under FSDP
+        # (no process holds the policy whole) of final/ alone
         evaluate: Evaluator | None = None
+        hidden: HiddenRewardReport | None = None
         if session.main and inputs.assets is not None and cfg.dataset is None:
-            hidden = HiddenRewardReport(reference, tokenizer, inputs.assets,
-                                        prompts=cfg.eval_prompts, seed=cfg.seed,
-                                        rows=cfg.log_generations, proxy=cfg.eval_reward_model)  # fmt: skip
+            hidden = HiddenRewardReport(inputs.model_path if session.sharded else reference_lm,
+                                        tokenizer, inputs.assets, prompts=cfg.eval_prompts,
+                                        seed=cfg.seed, rows=cfg.log_generations,
+                                        proxy=cfg.eval_reward_model)  # fmt: skip
+
+        if hidden is not None and not session.sharded:
 
             def evaluate(rollout: int) -> dict[str, float]:  # the built-in task's hidden reward
                 report, rows = hidden(actor_critic.policy)
@@ -159,10 +168,17 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
             rm_summary = json.loads((rm_dir / "summary.json").read_text())
             summary["reward_model_eval"] = rm_summary["final"]
             stages.setdefault("reward_model_s", rm_summary["runtime_s"])
-        if evaluate is not None:
+        if hidden is not None:
+            if evaluate is None:  # sharded: the trained policy, read back from final/
+                report, rows = hidden(session.load_final())
+                session.tracker.log_table("eval/generations", rows, state.step)
+                session.tracker.log({f"eval/{k}": v for k, v in report.items()}, state.step)
             evals = [r for r in read_metrics(session.run.path) if "eval/policy/true_reward" in r]
             summary["builtin"] = {k[len("eval/"):]: v for k, v in evals[-1].items() if k != "step"}
-            summary["builtin"]["initial/true_reward"] = evals[0]["eval/policy/true_reward"]
+            # the initial policy is the reference, sampled with the same seed: the same samples
+            summary["builtin"]["initial/true_reward"] = (
+                evals[0]["eval/policy/true_reward"] if evaluate is not None
+                else summary["builtin"]["reference/true_reward"])  # fmt: skip
             summary["builtin_eval_s"] = round(hidden.seconds, 1)
         return session.finish(summary, {**{k: v for k, v in summary.items()
                                            if isinstance(v, int | float)},

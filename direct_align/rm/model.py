@@ -24,8 +24,10 @@ from direct_align.models.loading import check_model_path, unread_model
 
 
 def load_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, *, option: str = "--model",
+                      dtype: torch.dtype = torch.float32,
                       unread: bool = False) -> PreTrainedModel:  # fmt: skip
-    """An fp32 reward model on the CPU: a saved one, or a causal LM with a fresh scalar head.
+    """A reward model on the CPU, in ``dtype``: a saved one, or a causal LM with a fresh
+    scalar head.
 
     The head of a causal LM is initialised from the global torch RNG (seed it first). The pad
     token id is set from ``tokenizer``, so that the last real token of each row is scored.
@@ -36,11 +38,11 @@ def load_reward_model(name: str, tokenizer: PreTrainedTokenizerBase, *, option: 
     path = str(Path(name).expanduser())
     try:
         if unread:
-            model = unread_model(path, torch.float32, AutoModelForSequenceClassification,
+            model = unread_model(path, dtype, AutoModelForSequenceClassification,
                                  num_labels=1)  # fmt: skip
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
-                                                                       dtype=torch.float32)  # fmt: skip
+                                                                       dtype=dtype)  # fmt: skip
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{option}: cannot load '{name}' as a reward model "
                           f"(sequence classifier): {one_line(e)}") from None  # fmt: skip

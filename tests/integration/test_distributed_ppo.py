@@ -27,8 +27,7 @@ from prefdata import rows, write_jsonl
 RM_ARGS = ["--batch-size", "4", "--grad-accum", "2", "--epochs", "1", "--eval-fraction", "0.25",
            "--learning-rate", "1e-2", "--max-length", "64", "--eval-every", "0"]  # fmt: skip
 PPO_ARGS = ["--rollouts", "2", "--rollout-batch-size", "4", "--mini-batch-size", "2",
-            "--max-new-tokens", "6", "--ppo-epochs", "1", "--critic", "shared",
-            "--learning-rate", "1e-2"]  # fmt: skip
+            "--max-new-tokens", "6", "--ppo-epochs", "1", "--learning-rate", "1e-2"]  # fmt: skip
 
 
 def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -79,7 +78,8 @@ def test_train_rm_in_two_processes_matches_one(tiny_model_dir, pairs, tmp_path, 
 def test_ppo_in_two_processes_splits_each_rollout(tiny_model_dir, pairs, tmp_path) -> None:
     out = tmp_path / "ppo"
     result = torchrun("ppo", "--model", str(tiny_model_dir), "--reward-model", str(tiny_model_dir),
-                      "--dataset", str(pairs), "--output-dir", str(out), *PPO_ARGS)  # fmt: skip
+                      "--dataset", str(pairs), "--output-dir", str(out), *PPO_ARGS,
+                      "--critic", "shared")  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["rollouts"] == 2
     assert summary["responses"] == 2 * 4  # rollouts of 4 prompts in all, not 4 per process
@@ -92,6 +92,59 @@ def test_ppo_in_two_processes_splits_each_rollout(tiny_model_dir, pairs, tmp_pat
     trained = load_file(str(out / "final" / "model.safetensors"))
     initial = load_file(str(tiny_model_dir / "model.safetensors"))
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_ppo_under_fsdp_trains_what_ddp_trains(tiny_model_dir, pairs, tmp_path, critic) -> None:
+    """Under FSDP (the variables of configs/accelerate/fsdp.yaml) all four models are sharded:
+    policy and critic (or value head) as the prepared module, the reference and the reward
+    model as frozen ones; process 1 reads no weights. Each process samples its own prompts in
+    step with the other (a sharded policy gathers its layers in every forward), so it draws
+    what the same process draws under DDP, and the trained policy and value function match."""
+    args = ["ppo", "--model", str(tiny_model_dir), "--reward-model", str(tiny_model_dir),
+            "--dataset", str(pairs), *PPO_ARGS, "--critic", critic]  # fmt: skip
+    torchrun(*args, "--output-dir", str(tmp_path / "ddp"))
+    torchrun(*args, "--output-dir", str(tmp_path / "fsdp"), env=FSDP_ENV)
+    ddp, fsdp = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ddp", "fsdp"))
+    assert (ddp["engine"], fsdp["engine"]) == ("DDP", "FSDP")
+    assert fsdp["tokens_generated"] == ddp["tokens_generated"]  # the same samples
+    metrics = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").open()]
+               for d in ("ddp", "fsdp")]  # fmt: skip
+    for a, b in zip(*metrics):
+        for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "val/mean"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key
+    one = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
+    two = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert one.keys() == two.keys()
+    assert any(not torch.equal(one[k], initial[k]) for k in initial)  # trained
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4)
+    # process 1 built its models without reading them; memory is reported per process
+    assert [m["process"] for m in fsdp["memory_by_process"]] == [0, 1]
+
+
+def test_ppo_under_fsdp_reports_the_hidden_reward_of_final(default_run, tmp_path) -> None:
+    """On the built-in task no process holds a sharded policy whole, so the main process
+    evaluates final/ alone; the initial policy's true reward is the reference's, whose samples
+    (the same weights, the same seed) are the initial policy's, as one process shows."""
+    cache, _, first = default_run
+    assert first.returncode == 0, first.stderr[-2000:]
+    args = ["ppo", "--reward-model", str(next((cache / "builtin").glob("*/base"))),
+            "--rollouts", "1", "--rollout-batch-size", "8", "--mini-batch-size", "4",
+            "--eval-prompts", "8", "--max-new-tokens", "8"]  # fmt: skip
+    env = {"DIRECT_ALIGN_CACHE": str(cache)}
+    torchrun(*args, "--output-dir", str(tmp_path / "fsdp"), env={**FSDP_ENV, **env})
+    subprocess.run([sys.executable, "-m", "direct_align", *args, "--output-dir",
+                    str(tmp_path / "one")], env={**os.environ, **env}, check=True,
+                   capture_output=True)  # fmt: skip
+    for run, evaluations in (("fsdp", [1]), ("one", [0, 1])):
+        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        builtin = summary["builtin"]
+        assert builtin["initial/true_reward"] == builtin["reference/true_reward"]
+        assert builtin["policy/kl"] != 0  # the trained policy samples otherwise
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+        assert [r["step"] for r in records if "eval/policy/true_reward" in r] == evaluations
 
 
 def test_whitening_with_summed_moments_equals_whitening_the_whole() -> None:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from direct_align.builtin.task import sample_prompts
-from direct_align.engine.distributed import check_resumable, refuse_sharding
+from direct_align.engine.distributed import check_resumable
 from direct_align.errors import ConfigError
 from prefdata import rows, write_jsonl
 
@@ -92,12 +92,6 @@ def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tmp_path) -> N
     check_resumable(tmp_path, deepspeed)
     with pytest.raises(ConfigError, match="written under DeepSpeed and this run is under FSDP"):
         check_resumable(tmp_path, fsdp)
-
-
-def test_commands_that_sample_with_the_policy_refuse_fsdp() -> None:
-    with pytest.raises(ConfigError, match="direct-align ppo does not run under FSDP yet"):
-        refuse_sharding("direct-align ppo", SimpleNamespace(distributed_type=DistributedType.FSDP))
-    refuse_sharding("direct-align ppo", SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
 
 
 def test_online_lora_under_fsdp_learns_what_ddp_learns(tmp_path, tiny_model_dir) -> None:

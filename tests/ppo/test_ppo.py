@@ -13,7 +13,13 @@ from direct_align.cli import main
 from direct_align.data.prompts import load_prompts
 from direct_align.errors import DataError
 from direct_align.generation import score_responses
-from direct_align.ppo.models import ActorCritic, reference_logps, reward_scores
+from direct_align.ppo.models import (
+    ActorCritic,
+    FrozenReference,
+    FrozenRewardModel,
+    reference_logps,
+    reward_scores,
+)
 from direct_align.ppo.rollout import generate, score_rollout
 from direct_align.rm.model import load_reward_model, score_ids
 from prefdata import rows, write_jsonl
@@ -88,7 +94,8 @@ def test_separate_critic_reads_the_reward_models_head_at_every_position(policy, 
     rollout = sampled(policy, tiny_tokenizer)
     width = rollout.query.shape[1]
     actor = ActorCritic(policy, reward_model)
-    scored = score_rollout(rollout, actor, policy, reward_model, temperature=1.0, batch_size=2)
+    scored = score_rollout(rollout, actor, FrozenReference(policy), FrozenRewardModel(reward_model),
+                           temperature=1.0, batch_size=2)  # fmt: skip
     last = rollout.mask.sum(1).long() - 1
     # the critic's value before the last token is not the score (it reads one position earlier),
     # but shifting the prompt+response by one position must reproduce it from the RM itself
