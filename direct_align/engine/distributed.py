@@ -240,7 +240,9 @@ def shard_frozen(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.M
         model = fsdp2_prepare_model(accelerator, model)
     finally:
         plugin.transformer_cls_names_to_wrap = names
-    model.set_reshard_after_forward(True)  # the root too: no backward follows to reshard it
+    # the root too, as no backward follows to reshard it; not the units within, which keep
+    # accelerate's settings (a head read after its group's forward stays gathered until then)
+    model.set_reshard_after_forward(True, recurse=False)
     return model
 
 

@@ -21,7 +21,7 @@ from direct_align.builtin.inputs import Inputs, resolve_inputs
 from direct_align.builtin.report import HiddenRewardReport
 from direct_align.data import PairDataset, prepare_pairs, split_holdout
 from direct_align.data.prompts import load_prompts
-from direct_align.engine.distributed import from_main, reads_weights
+from direct_align.engine.distributed import from_main, reads_weights, shard_frozen
 from direct_align.engine.session import Session, free_memory
 from direct_align.engine.tracking import first_eval
 from direct_align.errors import ConfigError, DataError
@@ -188,6 +188,15 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
             # pairs in fit, before any step (so the output directory exists by then)
             fingerprint = from_main(lambda: model_fingerprint(policy.model), accelerator)
             refs = partial(score_sharded, score, fingerprint=fingerprint, status=ref_status)
+        elif session.sharded:  # FSDP: the --ref-model sharded too, read by the main process
+            ref_lm = load_causal_lm(cfg.ref_model, dtype=frozen_dtype(cfg), option="--ref-model",
+                                    unread=not reads_weights(accelerator))  # fmt: skip
+            fingerprint = from_main(lambda: model_fingerprint(ref_lm), accelerator)
+            reference = shard_frozen(preference_model(ref_lm, cfg, bf16=uses_bf16(cfg),
+                                                      device=accelerator.device), accelerator)  # fmt: skip
+            refs, ref_status = score(reference, fingerprint=fingerprint)
+            del reference, ref_lm
+            free_memory()
         else:
             reference = policy  # the initial policy; with LoRA, the base (adapters off below)
             if cfg.ref_model:
@@ -251,25 +260,27 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
     policy = load_policy(inputs.model_path, cfg, bf16=bf16, device=accelerator.device,
                          unread=not reads_weights(accelerator))  # fmt: skip
     reference: PreferenceModel | AdaptersOff | None = None
+    ref_fp: str | None = None  # of a second reference model (else computed when scoring)
     ref_eval: ReferenceLogps | Callable[[PreferenceModel], ReferenceLogps] | None = None
     if uses_reference(cfg) and cfg.lora_r is not None and not cfg.ref_model:
         # under FSDP no device holds the policy whole: it moves there sharded (fit_online)
         reference = AdaptersOff(policy if session.sharded else policy.to(accelerator.device))
-    elif uses_reference(cfg):
+    elif uses_reference(cfg):  # a second model, sharded as the policy is under FSDP
         ref_lm = load_causal_lm(cfg.ref_model or inputs.model_path, dtype=frozen_dtype(cfg),
-                                option="--ref-model" if cfg.ref_model else "--model")  # fmt: skip
-        reference = preference_model(ref_lm.requires_grad_(False), cfg, bf16=bf16,
-                                     device=accelerator.device)  # fmt: skip
-        reference.to(accelerator.device).eval()
+                                option="--ref-model" if cfg.ref_model else "--model",
+                                unread=not reads_weights(accelerator))  # fmt: skip
+        # the cache key, of the weights before sharding, which the main process alone has read
+        ref_fp = from_main(lambda: model_fingerprint(ref_lm), accelerator)
+        reference = shard_frozen(preference_model(ref_lm, cfg, bf16=bf16,
+                                                  device=accelerator.device), accelerator)  # fmt: skip
     if reference is not None and evals is not None:
         score = _scorer(cfg, inputs, tokenizer, session, {"eval": evals})
         if session.sharded and isinstance(reference, AdaptersOff):  # the sharded policy scores
-            # of the weights before sharding, which the main process alone has read
             whole_fp = from_main(lambda: model_fingerprint(policy.model), accelerator)
             ref_eval = lambda prepared: score_sharded(  # noqa: E731
                 score, prepared, fingerprint=whole_fp, status={})["eval"]
         else:
-            ref_eval = score(reference)[0]["eval"]
+            ref_eval = score(reference, fingerprint=ref_fp)[0]["eval"]
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
     hidden = _hidden_report(cfg, inputs, tokenizer)

@@ -73,6 +73,36 @@ def test_fsdp_on_two_processes_trains_what_one_process_trains(tmp_path, tiny_mod
     AutoModelForCausalLM.from_pretrained(split / "final")
 
 
+def test_a_ref_model_is_sharded_under_fsdp_and_scores_what_it_scores_whole(tmp_path,
+                                                                           tiny_model_dir) -> None:  # fmt: skip
+    """--ref-model under FSDP: read by the main process alone, sharded as a frozen model, it
+    scores the pairs once; the cache file is the one a whole copy writes (the fingerprint is of
+    the weights before sharding), with the same sums, and training follows as in one process."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows("standard", 40, seed=6))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    reference.save_pretrained(tmp_path / "reference")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "reference")
+    extra = ("--ref-model", str(tmp_path / "reference"), "--max-steps", "2")
+    train(1, tmp_path / "one", tiny_model_dir, data, tmp_path / "cache1", *extra)
+    train(2, tmp_path / "fsdp", tiny_model_dir, data, tmp_path / "cache2", *extra,
+          config="fsdp.yaml")  # fmt: skip
+    caches = [sorted((tmp_path / c / "reference").glob("*.safetensors")) for c in ("cache1", "cache2")]
+    assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and caches[0]
+    for p, q in zip(*caches):
+        for name, tensor in load_file(str(p)).items():
+            torch.testing.assert_close(load_file(str(q))[name], tensor, atol=1e-5, rtol=1e-5)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "fsdp")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4)
+    losses = [[r["train/loss"] for r in records(tmp_path / run) if "train/loss" in r]
+              for run in ("one", "fsdp")]  # fmt: skip
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5) and losses[0][0] != pytest.approx(0.6931, abs=1e-3)
+
+
 def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tmp_path) -> None:
     fsdp, deepspeed, plain = (SimpleNamespace(distributed_type=t, num_processes=2) for t in (
         DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MULTI_CPU))  # fmt: skip
