@@ -1,8 +1,10 @@
-"""Per-process peak host memory of `direct-align train` under FSDP, with and without low-memory
-loading, against one process: the numbers of docs/distributed.md#loading-a-large-policy.
+"""Per-process peak host memory of `direct-align train` and `ppo` under FSDP, with and without
+low-memory loading, against one process: the numbers of docs/distributed.md#loading-a-large-policy.
 
 A Llama with random weights (the built-in task's tokenizer; no download), saved in fp32, trains a
-few DPO steps on CPUs in fp32 (offline), or one round of online DPO (``--online``):
+few DPO steps on CPUs in fp32 (offline), one round of online DPO (``--online``), or one PPO
+rollout with a separate critic (``--ppo``: policy, critic, reference and reward model, the last
+three read from the same checkpoint as a sequence classifier with a fresh head):
 
 - 1 process (no launcher);
 - 2 processes under FSDP where every process reads the checkpoint (``torchrun`` with the
@@ -15,12 +17,14 @@ Each process reports its resident memory before any model, its peak once the eng
 model (loaded and sharded, no step yet; in one process the reference pass comes before) and its
 peak until ``final/`` is gathered (``memory_by_process`` in the run's ``summary.json``); the
 launcher's ``os.wait4`` adds the largest peak of the whole run, the gathering of ``final/`` into
-the main process included. The predicted load is one fp32 copy (4 bytes per parameter) in a
-process that reads the checkpoint, plus its fp32 shards (4 / 2) under FSDP; the predicted state
-is the arithmetic of :func:`predict`.
+the main process included. The predicted load is one fp32 copy (4 bytes per parameter) of each
+model in a process that reads the checkpoint, plus their fp32 shards (4 / 2) under FSDP, an
+upper bound where models are sharded one after the other; the predicted state is the arithmetic
+of :func:`predict`.
 
     python scripts/fsdp_loading_memory.py                 # 0.5B parameters, offline
     python scripts/fsdp_loading_memory.py --online        # the same, one round of online DPO
+    python scripts/fsdp_loading_memory.py --ppo           # the same, one PPO rollout
     python scripts/fsdp_loading_memory.py --hidden 256 --layers 2   # a quick look
 """
 
@@ -46,6 +50,7 @@ from scripts.fsdp_memory import build_model, free_port  # noqa: E402
 
 MIB = 2**20
 SETUPS = ("1 process", "2 × FSDP, every process reads", "2 × FSDP, main reads")
+KEYS = ("one", "every", "main")  # --setups
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
             "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_RESHARD_AFTER_FORWARD": "true",
             "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
@@ -65,15 +70,16 @@ def launcher(setup: str) -> tuple[list[str], dict[str, str]]:
             "-m", "direct_align"], {}  # fmt: skip
 
 
-def run(setup: str, train_args: list[str], out: Path) -> dict:
-    """Each process's memory (MiB), the whole run's peak and its wall time."""
+def run(setup: str, args: list[str], out: Path) -> dict:
+    """Each process's memory (MiB), the whole run's peak and its wall time (``args``: the
+    command and its options)."""
     command, extra = launcher(setup)
     env = {**os.environ, **extra, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     start = time.perf_counter()
     log_path = out.parent / f"{out.name}.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen([*command, "train", *train_args, "--output-dir", str(out)],
+        proc = subprocess.Popen([*command, *args, "--output-dir", str(out)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)  # fmt: skip
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -84,14 +90,15 @@ def run(setup: str, train_args: list[str], out: Path) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def predict(setup: str, params: int, layer: int, online: bool) -> tuple[float, str]:
-    """(MiB, how) of the fp32 state a process holds at its training peak:
+def predict(setup: str, params: int, layer: int, trained: int, frozen: int) -> tuple[float, str]:
+    """(MiB, how) of the fp32 state a process holds at its training peak, with ``trained``
+    models that train (the policy; PPO's critic too) and ``frozen`` ones (online DPO's reference
+    for the fresh pairs; PPO's reference and reward model), each of ``params`` parameters:
 
-    - one process: 16 bytes per parameter (weights, gradients, AdamW's two moments);
-    - FSDP on 2 processes: its half of those 16, plus one decoder layer gathered whole with its
-      gradient before the reduce-scatter (2 × 4 bytes per parameter of the layer);
-    - online (no LoRA): the reference for the fresh pairs, a second whole fp32 model in every
-      process (4 bytes per parameter; not sharded).
+    - one process: 16 bytes per parameter of a trained model (weights, gradients, AdamW's two
+      moments), 4 of a frozen one;
+    - FSDP on 2 processes: its half of those, plus one decoder layer gathered whole with its
+      gradient before the reduce-scatter (2 × 4 bytes per parameter of the layer).
 
     Loading adds, while it lasts, one fp32 copy of the weights (4 bytes per parameter) to each
     process that reads the checkpoint, next to its shards (4 / 2): 6 bytes per parameter on 2
@@ -100,11 +107,10 @@ def predict(setup: str, params: int, layer: int, online: bool) -> tuple[float, s
     processes on, a reading process peaks while loading. Activations and the allocator's slack
     come on top.
     """
-    reference = 4 * params * online
+    per_param = 16 * trained + 4 * frozen
     if setup == "1 process":
-        return (16 * params + reference) / MIB, "16 B/param" + " + 4 reference" * online
-    how = "16/2 B/param + 1 layer × 8 B" + " + 4 reference" * online
-    return (8 * params + 8 * layer + reference) / MIB, how
+        return per_param * params / MIB, f"{per_param} B/param"
+    return (per_param / 2 * params + 8 * layer) / MIB, f"{per_param}/2 B/param + 1 layer × 8 B"
 
 
 def layer_parameters(hidden: int) -> int:
@@ -118,7 +124,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--layers", type=int, default=18)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--online", action="store_true", help="one round of online DPO")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--online", action="store_true", help="one round of online DPO")
+    kind.add_argument("--ppo", action="store_true", help="one PPO rollout, separate critic")
+    parser.add_argument("--setups", nargs="+", choices=KEYS, default=list(KEYS),
+                        help="which runs: one process, FSDP where every process reads, FSDP "
+                        "where the main process reads")  # fmt: skip
     args = parser.parse_args()
 
     assets = ensure_builtin(default_cache_dir(), BuiltinSpec())
@@ -127,7 +138,18 @@ def main() -> None:
         params = build_model(tmp / "model", assets.model_dir, args.hidden, args.layers)
         layer = layer_parameters(args.hidden)
         weights_mib = 4 * params / MIB
-        if args.online:
+        trained, frozen = 1, int(args.online)
+        if args.ppo:
+            prompts = [json.dumps({"prompt": p}) for p in sample_prompts(8, seed=0)]
+            (tmp / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
+            command = ["ppo", "--model", str(tmp / "model"), "--reward-model", str(tmp / "model"),
+                       "--critic", "separate", "--dataset", str(tmp / "prompts.jsonl"),
+                       "--rollouts", "1", "--rollout-batch-size", "4", "--mini-batch-size", "2",
+                       "--max-new-tokens", "16", "--ppo-epochs", "1", "--eval-every", "0",
+                       "--save-every", "0", "--report-to", "none"]  # fmt: skip
+            what = "1 PPO rollout (4 prompts, 2 minibatches), separate critic"
+            trained, frozen = 2, 2
+        elif args.online:
             prompts = [json.dumps({"prompt": p}) for p in sample_prompts(8, seed=0)]
             (tmp / "prompts.jsonl").write_text("\n".join(prompts) + "\n")
             task = ["--online", "--dataset", str(tmp / "prompts.jsonl"), "--reward", "builtin",
@@ -141,6 +163,10 @@ def main() -> None:
             task = ["--dataset", str(tmp / "pairs.jsonl"), "--max-steps", str(args.steps),
                     "--batch-size", "2", "--grad-accum", "2"]  # fmt: skip
             what = f"{args.steps} DPO steps of 2 micro-batches of 2 pairs"
+        if not args.ppo:
+            command = ["train", "--loss", "dpo", "--model", str(tmp / "model"), *task,
+                       "--max-length", "64", "--eval-every", "0", "--save-every", "0",
+                       "--report-to", "none", "--attn", "segments"]  # fmt: skip
         print(f"Llama, hidden {args.hidden}, {args.layers} layers: {params / 1e6:.1f}M parameters "
               f"({weights_mib:,.0f} MiB in fp32; one decoder layer {layer / 1e6:.1f}M); {what}, "
               "fp32, CPU")  # fmt: skip
@@ -148,18 +174,17 @@ def main() -> None:
               "start | predicted load | training: peak − start | predicted state | measured / "
               "predicted | run's peak (wait4) | wall s |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for setup in SETUPS:
+        for setup in (SETUPS[KEYS.index(key)] for key in args.setups):
             cache = tmp / f"cache-{SETUPS.index(setup)}"
-            train_args = ["--loss", "dpo", "--model", str(tmp / "model"), *task,
-                          "--max-length", "64", "--eval-every", "0", "--save-every", "0",
-                          "--cache-dir", str(cache), "--report-to", "none", "--attn", "segments"]  # fmt: skip
-            result = run(setup, train_args, tmp / f"run-{SETUPS.index(setup)}")
+            result = run(setup, [*command, "--cache-dir", str(cache)],
+                         tmp / f"run-{SETUPS.index(setup)}")  # fmt: skip
             for p in result["processes"]:
                 start = p["rss_at_start_mb"]
                 rise, loaded = p["peak_rss_mb"] - start, p["peak_when_prepared_mb"] - start
-                pred, how = predict(setup, params, layer, args.online)
+                pred, how = predict(setup, params, layer, trained, frozen)
                 reads = setup != SETUPS[2] or p["process"] == 0
-                load = (4 * params / MIB) * reads + (4 * params / MIB / 2) * (setup != SETUPS[0])
+                models = trained + frozen
+                load = models * (4 * params / MIB * reads + 2 * params / MIB * (setup != SETUPS[0]))
                 print(f"| {setup} | {p['process']} | {'yes' if reads else 'no'} | {start:,.0f} | "
                       f"{loaded:,.0f} | {load:,.0f} | {rise:,.0f} | {pred:,.0f} ({how}) | "
                       f"{rise / pred:.2f} | {result['run_peak']:,.0f} | "
