@@ -17,10 +17,8 @@ Each process reports its resident memory before any model, its peak once the eng
 model (loaded and sharded, no step yet; in one process the reference pass comes before) and its
 peak until ``final/`` is gathered (``memory_by_process`` in the run's ``summary.json``); the
 launcher's ``os.wait4`` adds the largest peak of the whole run, the gathering of ``final/`` into
-the main process included. The predicted load is one fp32 copy (4 bytes per parameter) of each
-model in a process that reads the checkpoint, plus their fp32 shards (4 / 2) under FSDP, an
-upper bound where models are sharded one after the other; the predicted state is the arithmetic
-of :func:`predict`.
+the main process included. The predicted load and state are the arithmetic of
+:func:`predict_load` and :func:`predict`.
 
     python scripts/fsdp_loading_memory.py                 # 0.5B parameters, offline
     python scripts/fsdp_loading_memory.py --online        # the same, one round of online DPO
@@ -113,6 +111,18 @@ def predict(setup: str, params: int, layer: int, trained: int, frozen: int) -> t
     return (per_param / 2 * params + 8 * layer) / MIB, f"{per_param}/2 B/param + 1 layer × 8 B"
 
 
+def predict_load(reads: bool, params: int, trained: int, frozen: int) -> float:
+    """MiB an FSDP process on 2 holds once its models are loaded and sharded (before any step):
+    the fp32 shards of all of them (4 / 2 bytes per parameter each) and, in a process that reads
+    the checkpoint, the trained models whole (4 each) while they are sharded together; the
+    frozen ones are sharded one at a time before them and their whole copies freed. The
+    checkpoint is memory-mapped, so weights take memory once first read (in one process that is
+    during the first pass, so no prediction is made there). Where every process reads (no
+    low-memory loading) FSDP shards in place, one tensor at a time, so the whole copies are an
+    upper bound there."""
+    return (4 * trained * params * reads + 2 * (trained + frozen) * params) / MIB
+
+
 def layer_parameters(hidden: int) -> int:
     """Parameters of one decoder layer of :func:`build_model`'s Llama (no bias, full heads)."""
     inter = hidden * 8 // 3
@@ -183,10 +193,10 @@ def main() -> None:
                 rise, loaded = p["peak_rss_mb"] - start, p["peak_when_prepared_mb"] - start
                 pred, how = predict(setup, params, layer, trained, frozen)
                 reads = setup != SETUPS[2] or p["process"] == 0
-                models = trained + frozen
-                load = models * (4 * params / MIB * reads + 2 * params / MIB * (setup != SETUPS[0]))
+                load = ("—" if setup == SETUPS[0]
+                        else f"{predict_load(reads, params, trained, frozen):,.0f}")  # fmt: skip
                 print(f"| {setup} | {p['process']} | {'yes' if reads else 'no'} | {start:,.0f} | "
-                      f"{loaded:,.0f} | {load:,.0f} | {rise:,.0f} | {pred:,.0f} ({how}) | "
+                      f"{loaded:,.0f} | {load} | {rise:,.0f} | {pred:,.0f} ({how}) | "
                       f"{rise / pred:.2f} | {result['run_peak']:,.0f} | "
                       f"{result['seconds']:.0f} |", flush=True)  # fmt: skip
             shutil.rmtree(cache, ignore_errors=True)
