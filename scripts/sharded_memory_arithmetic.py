@@ -7,7 +7,7 @@ Bytes per parameter, bf16 compute with fp32 master weights:
 - a trained model: 16 under FSDP2 as direct_align runs it (fp32 sharded weights 4, fp32 gradients
   4, AdamW's moments 8; the bf16 copies exist for one gathered unit at a time) and 16 under
   ZeRO-3 (bf16 weights 2, fp32 master 4, moments 8, bf16 gradients 2);
-- a frozen model in bf16: 2 (sharded too, as the engines would shard it);
+- a frozen model in bf16: 2 (sharded too, as direct_align's FSDP runs shard it);
 - DPO holds the policy: 16; PPO holds the policy, a critic as large (16 + 16), the reference and
   the reward model (2 + 2): 36.
 
@@ -48,11 +48,15 @@ def main() -> None:
             n = smallest(state)
             print(f"| {size} | {method} | {per_param} | {state:,.0f} | {state / 8:,.1f} | "
                   f"{state / 16:,.1f} | {n} | {state / n:,.1f} |")  # fmt: skip
-    print("\nHost memory of one node while loading, GB (fp32 copy, 4 B/param, per reading process)")
-    print("| policy | every process reads (8 per node) | main process reads (fsdp.yaml) |")
-    print("|---|---|---|")
+    print("\nHost memory of one node while loading, GB (fp32 copies, 4 B/param, per reading "
+          "process; PPO's main process holds policy and critic whole while they are sharded "
+          "together, its frozen models one at a time before them)")  # fmt: skip
+    print("| policy | DPO, every process reads (8 per node) | DPO, main process reads (fsdp.yaml) "
+          "| PPO, main process reads (fsdp.yaml) |")
+    print("|---|---|---|---|")
     for size, params in SIZES.items():
-        print(f"| {size} | {8 * 4 * params / GB:,.0f} | {4 * params / GB:,.0f} |")
+        print(f"| {size} | {8 * 4 * params / GB:,.0f} | {4 * params / GB:,.0f} | "
+              f"{8 * params / GB:,.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
