@@ -44,9 +44,11 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         stage = accelerator.state.deepspeed_plugin.zero_stage
         if stage == 3:
-            raise ConfigError("DeepSpeed ZeRO-3 is not supported yet (its weights are partitioned "
-                              "outside the training step); use configs/accelerate/fsdp.yaml, "
-                              "which shards weights, gradients and optimizer state too")  # fmt: skip
+            raise ConfigError("DeepSpeed ZeRO-3 is not supported yet (the chunked LM head, the "
+                              "reference pass, sampling and frozen models read weights it "
+                              "partitions outside their modules' forward); use "
+                              "configs/accelerate/fsdp.yaml, which shards weights, gradients "
+                              "and optimizer state too, or zero2.yaml")  # fmt: skip
     return accelerator
 
 
