@@ -154,6 +154,18 @@ def _probe(session: Session, hidden: HiddenRewardReport | None) -> Probe | None:
     return probe
 
 
+def _second_reference(cfg: TrainConfig, path: str, option: str,
+                      accelerator: Any) -> tuple[PreferenceModel, str]:  # fmt: skip
+    """A reference model apart from the policy, frozen in the compute dtype and ready to score
+    (under FSDP sharded as the policy is, read by the main process alone), and the fingerprint
+    of its whole weights that keys the reference cache, computed where they were read."""
+    lm = load_causal_lm(path, dtype=frozen_dtype(cfg), option=option,
+                        unread=not reads_weights(accelerator))  # fmt: skip
+    fingerprint = from_main(lambda: model_fingerprint(lm), accelerator)
+    reference = preference_model(lm, cfg, bf16=uses_bf16(cfg), device=accelerator.device)
+    return shard_frozen(reference, accelerator), fingerprint
+
+
 def _start(cfg: TrainConfig, session: Session) -> None:
     session.start(bf16=uses_bf16(cfg), grad_accum=cfg.grad_accum)
     if cfg.lora_r is not None and cfg.lora_save == "merged" and session.sharded:
@@ -188,25 +200,15 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
             # pairs in fit, before any step (so the output directory exists by then)
             fingerprint = from_main(lambda: model_fingerprint(policy.model), accelerator)
             refs = partial(score_sharded, score, fingerprint=fingerprint, status=ref_status)
-        elif session.sharded:  # FSDP: the --ref-model sharded too, read by the main process
-            ref_lm = load_causal_lm(cfg.ref_model, dtype=frozen_dtype(cfg), option="--ref-model",
-                                    unread=not reads_weights(accelerator))  # fmt: skip
-            fingerprint = from_main(lambda: model_fingerprint(ref_lm), accelerator)
-            reference = shard_frozen(preference_model(ref_lm, cfg, bf16=uses_bf16(cfg),
-                                                      device=accelerator.device), accelerator)  # fmt: skip
+        elif cfg.ref_model:  # scores the pairs once, then is freed
+            reference, fingerprint = _second_reference(cfg, cfg.ref_model, "--ref-model",
+                                                       accelerator)  # fmt: skip
             refs, ref_status = score(reference, fingerprint=fingerprint)
-            del reference, ref_lm
-            free_memory()
-        else:
-            reference = policy  # the initial policy; with LoRA, the base (adapters off below)
-            if cfg.ref_model:
-                ref_lm = load_causal_lm(cfg.ref_model, dtype=frozen_dtype(cfg), option="--ref-model")
-                reference = preference_model(ref_lm, cfg, bf16=uses_bf16(cfg),
-                                             device=accelerator.device)  # fmt: skip
-            reference.to(accelerator.device)
-            with adapters_disabled(reference):
-                refs, ref_status = score(reference)
             del reference
+            free_memory()
+        else:  # the initial policy; with LoRA, the base (adapters off)
+            with adapters_disabled(policy.to(accelerator.device)):
+                refs, ref_status = score(policy)
             free_memory()
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
@@ -265,14 +267,10 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
     if uses_reference(cfg) and cfg.lora_r is not None and not cfg.ref_model:
         # under FSDP no device holds the policy whole: it moves there sharded (fit_online)
         reference = AdaptersOff(policy if session.sharded else policy.to(accelerator.device))
-    elif uses_reference(cfg):  # a second model, sharded as the policy is under FSDP
-        ref_lm = load_causal_lm(cfg.ref_model or inputs.model_path, dtype=frozen_dtype(cfg),
-                                option="--ref-model" if cfg.ref_model else "--model",
-                                unread=not reads_weights(accelerator))  # fmt: skip
-        # the cache key, of the weights before sharding, which the main process alone has read
-        ref_fp = from_main(lambda: model_fingerprint(ref_lm), accelerator)
-        reference = shard_frozen(preference_model(ref_lm, cfg, bf16=bf16,
-                                                  device=accelerator.device), accelerator)  # fmt: skip
+    elif uses_reference(cfg):
+        reference, ref_fp = _second_reference(cfg, cfg.ref_model or inputs.model_path,
+                                              "--ref-model" if cfg.ref_model else "--model",
+                                              accelerator)  # fmt: skip
     if reference is not None and evals is not None:
         score = _scorer(cfg, inputs, tokenizer, session, {"eval": evals})
         if session.sharded and isinstance(reference, AdaptersOff):  # the sharded policy scores
