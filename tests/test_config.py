@@ -64,6 +64,16 @@ def test_shipped_configs_load(path: Path) -> None:
     assert cfg.loss == path.stem and cfg.beta > 0
 
 
+def test_the_kto_config_keeps_the_balanced_weights() -> None:
+    """configs/kto.yaml leaves λ_U unset, so balance_kto sets λ_U = λ_D·n_D / n_U (the setting
+    docs/feedback.md measured collapsing, λ_U = 1 on imbalanced data, must not come back)."""
+    from direct_align.preference.settings import balance_kto
+
+    cfg = train_settings({"model": "m", "dataset": "d.jsonl"}, str(CONFIGS / "kto.yaml"))
+    assert cfg.undesirable_weight is None
+    assert balance_kto(cfg, [True] * 3 + [False] * 5).undesirable_weight == pytest.approx(3 / 5)
+
+
 def test_every_loss_has_a_shipped_config() -> None:
     from direct_align.losses import LOSSES
 
