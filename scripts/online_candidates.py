@@ -47,6 +47,19 @@ VARIANTS: dict[str, str] = {  # every variant is at the same judge calls (2,560)
     "rpo-r20x32": "--rounds 20 --prompts-per-round 32 --rpo-alpha 1.0",
     "rpo-b0.3-k8": "--rpo-alpha 1.0 --beta 0.3 --samples-per-prompt 8 --rounds 5",
     "rpo-b0.3-lr2e-4": "--rpo-alpha 1.0 --beta 0.3 --learning-rate 2e-4",
+    # every sample's reward: group losses, online KTO, and the RLOO baseline
+    "rebel-b0.05": "--loss rebel --beta 0.05",
+    "rebel-b0.05-eta0.3": "--loss rebel --beta 0.05 --eta 0.3",
+    "rebel-b0.02": "--loss rebel --beta 0.02",
+    "lipo-b0.1": "--loss lipo --beta 0.1",
+    "lipo-b0.3": "--loss lipo --beta 0.3",
+    "sppo-eta1": "--loss sppo --eta 1",
+    "sppo-eta3": "--loss sppo --eta 3",
+    "kto-b0.1": "--loss kto --beta 0.1",
+    "kto-b0.3": "--loss kto --beta 0.3",
+    "rloo-b0.05": "--loss rloo --beta 0.05",
+    "rloo-b0.02": "--loss rloo --beta 0.02",
+    "rloo-b0.1": "--loss rloo --beta 0.1",
 }
 
 

@@ -60,7 +60,8 @@ def test_default_output_dir_is_new_per_run_and_resume_needs_one() -> None:
 def test_shipped_configs_load(path: Path) -> None:
     values = load_yaml(str(path), TrainConfig)
     assert values["loss"] == path.stem
-    cfg = train_settings({"model": "m", "dataset": "d.jsonl"}, str(path))
+    judge = {"reward": ["judge.py:score"]} if values.get("online") else {}  # online needs one
+    cfg = train_settings({"model": "m", "dataset": "d.jsonl", **judge}, str(path))
     assert cfg.loss == path.stem and cfg.beta > 0
 
 
@@ -75,9 +76,10 @@ def test_the_kto_config_keeps_the_balanced_weights() -> None:
 
 
 def test_every_loss_has_a_shipped_config() -> None:
+    from direct_align.group_losses import GROUP_LOSSES
     from direct_align.losses import LOSSES
 
-    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(LOSSES)
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} == set(LOSSES) | set(GROUP_LOSSES)
 
 
 # ----------------------------------------------------------------------------- one coercer
@@ -103,8 +105,8 @@ def test_an_integer_may_be_written_any_way_that_means_it(value) -> None:
         ({"eval_fraction": "1.0"}, "--eval-fraction must be in (0, 1), got 1.0"),
         ({"top_p": "0"}, "--top-p must be in (0, 1], got 0.0"),
         ({"precision": "fp8"}, "--precision must be one of auto, fp32, bf16; got 'fp8'"),
-        ({"loss": "dpoo"}, "--loss must be one of dpo, ipo, hinge, robust, orpo, simpo, kto; got "
-                           "'dpoo' (did you mean 'dpo'?)"),
+        ({"loss": "dpoo"}, "--loss must be one of dpo, ipo, hinge, robust, orpo, simpo, kto, rebel, "
+                           "lipo, sppo, rloo; got 'dpoo' (did you mean 'dpo'?)"),
         ({"online": "maybe"}, "--online must be true or false, got 'maybe'"),
         ({"resume": True, "overwrite": True, "output_dir": "x"}, "exclude each other"),
         ({"reference_free": True, "ref_model": "r"}, "exclude each other"),

@@ -101,3 +101,23 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["peak_rss_mb"] = mean_std([list(r["peak_rss_mb"].values())[-1] for r in mine])
         out.append(entry)
     return out
+
+
+def gaps(entries: list[dict[str, Any]], rl: Sequence[str],
+         budgets: Sequence[float] = MATCHED_KL) -> list[dict[str, Any]]:  # fmt: skip
+    """Per KL budget, from :func:`headline`'s ``entries``: the best reinforcement-learning method
+    (``rl``) and the best direct method by mean reward on their frontiers, and the direct one's
+    distance to it (positive: the direct method is ahead)."""
+    out = []
+    for budget in budgets:
+        key = f"reward_at_{budget:g}"
+        ranked = [e for e in entries if math.isfinite(e[key][0])]
+        best_rl = max((e for e in ranked if e["method"] in rl), key=lambda e: e[key][0], default=None)
+        best_direct = max((e for e in ranked if e["method"] not in rl), key=lambda e: e[key][0],
+                          default=None)  # fmt: skip
+        if best_rl is None or best_direct is None:
+            continue
+        out.append({"budget": budget, "rl": best_rl["method"], "rl_reward": best_rl[key][0],
+                    "direct": best_direct["method"], "direct_reward": best_direct[key][0],
+                    "gap": best_direct[key][0] - best_rl[key][0]})  # fmt: skip
+    return out

@@ -34,7 +34,7 @@ class Method:
     """One point of the comparison: a method at one strength, as the stages that produce it."""
 
     name: str  # a unique run name, e.g. "dpo-b0.1"
-    method: str  # "dpo", "ipo", "orpo", "simpo", "ppo", "online-dpo", "online-rpo"
+    method: str  # "dpo", "ipo", ..., "online-rebel", "ppo", "rloo" (see METHODS)
     strength: str  # the parameter varied, e.g. "β" or "KL coef"
     value: float
     stages: tuple[Stage, ...] = field(default_factory=tuple)
@@ -45,6 +45,10 @@ OFFLINE = [("dpo", "β", "--beta", (0.03, 0.1, 0.3, 1.0)),
            ("ipo", "β", "--beta", (0.1, 0.5, 2.0)),
            ("orpo", "λ", "--beta", (0.1, 0.5, 1.0)),
            ("simpo", "β", "--beta", (1.0, 2.0, 5.0))]  # fmt: skip
+# KTO on the built-in task's thumbs up or down (its samples labelled by the hidden reward, as
+# `train --loss kto` reads them): unpaired feedback, so not like for like with the pairs; built-in
+# task only (on the proxy task it would see the gold reward)
+THUMBS = [("kto", "β", "--beta", (0.1, 1.0))]
 # on the proxy task, also the losses built for flipped labels, told the true flip rate: robust
 # DPO (Chowdhury et al. 2024) and conservative DPO (dpo --label-smoothing; Mitchell 2023)
 NOISE_AWARE = [("robust", "robust", (0.1, 0.3)), ("cdpo", "dpo", (0.1, 0.3))]
@@ -52,10 +56,22 @@ NOISE_AWARE = [("robust", "robust", (0.1, 0.3)), ("cdpo", "dpo", (0.1, 0.3))]
 # which have no reference, are left to the built-in task to keep the run short)
 PROXY_OFFLINE = {"dpo": (0.1, 0.3), "ipo": (0.1, 0.5)}
 PPO_KL = (0.02, 0.05, 0.2)
-# online DPO, judged by the same reward model as PPO: plain, and with an NLL term on the chosen
-# response (RPO, --rpo-alpha), the best of the variants in docs/comparison.md; quick: the first
-ONLINE = [("online-dpo", (0.1, 0.3), ()),
-          ("online-rpo", (0.3, 1.0), ("--rpo-alpha", "1.0"))]  # fmt: skip
+# online methods, judged by the same reward model as PPO: (method, loss, strength name, values,
+# extra flags), the strength given as --beta. Online DPO plain and with an NLL term on the chosen
+# response (RPO, --rpo-alpha), the best of the pair variants in docs/comparison.md; the losses
+# that learn from every sample's reward (REBEL, LiPO-λ, online KTO with the judge's thumbs); and
+# RLOO, the critic-free RL baseline (β: its KL coefficient). Quick mode: the first value.
+ONLINE = [("online-dpo", "dpo", "β", (0.1, 0.3), ()),
+          ("online-rpo", "dpo", "β", (0.3, 1.0), ("--rpo-alpha", "1.0")),
+          ("online-rebel", "rebel", "β", (0.05, 0.02), ()),
+          ("online-lipo", "lipo", "β", (0.1, 0.3), ()),
+          ("online-kto", "kto", "β", (0.1, 0.3), ()),
+          ("rloo", "rloo", "KL coef β", (0.05, 0.02, 0.1), ())]  # fmt: skip
+# the methods that are reinforcement learning (the baselines), not direct losses
+RL_METHODS = ("ppo", "rloo")
+# quick mode leaves these out to stay within two minutes (online DPO with an NLL term is online
+# DPO with one more term)
+QUICK_SKIPS = ("online-rpo",)
 
 
 @dataclass(frozen=True)
@@ -99,6 +115,8 @@ def plan(quick: bool, seed: int, task: str = "builtin") -> tuple[Stage, list[Met
     reward_model = Stage("reward_model", "train-rm", rm_args)
     methods: list[Method] = []
     offline = [(loss, loss, strength, flag, values, ()) for loss, strength, flag, values in OFFLINE]
+    if task == "builtin":
+        offline += [(loss, loss, strength, flag, values, ()) for loss, strength, flag, values in THUMBS]
     if task == "proxy":
         offline = [(name, loss, strength, flag, PROXY_OFFLINE[name], extra)
                    for name, loss, strength, flag, values, extra in offline if name in PROXY_OFFLINE]  # fmt: skip
@@ -118,11 +136,13 @@ def plan(quick: bool, seed: int, task: str = "builtin") -> tuple[Stage, list[Met
                 every_ppo, *common)  # fmt: skip
         methods.append(Method(f"ppo-{kl:g}", "ppo", "KL coef", kl,
                               (reward_model, Stage("ppo", "ppo", args))))  # fmt: skip
-    for name, betas, extra in ONLINE[:1] if quick else ONLINE:
-        for beta in betas[:1] if quick else betas:
-            args = ("--loss", "dpo", "--beta", str(beta), "--online", "--rounds",
+    for name, loss, strength, values, extra in ONLINE:
+        if quick and name in QUICK_SKIPS:
+            continue
+        for beta in values[:1] if quick else values:
+            args = ("--loss", loss, "--beta", str(beta), "--online", "--rounds",
                     str(budget.online_rounds), "--prompts-per-round", "64", "--samples-per-prompt",
                     "4", "--epochs", "4", *extra, "--eval-every", every_online, *common)  # fmt: skip
-            methods.append(Method(f"{name}-{beta:g}", name, "β", beta,
+            methods.append(Method(f"{name}-{beta:g}", name, strength, beta,
                                   (reward_model, Stage("online", "train", args))))  # fmt: skip
     return reward_model, methods

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from direct_align.compare.frontier import MATCHED_KL, aggregate, headline, mean_std
+from direct_align.compare.frontier import MATCHED_KL, aggregate, gaps, headline, mean_std
+from direct_align.compare.plan import RL_METHODS
 
 
 def _last(by_stage: dict[str, float]) -> float:
@@ -70,6 +71,10 @@ def headline_table(result: dict[str, Any]) -> list[str]:
         at = " | ".join(_pm(h[f"reward_at_{k:g}"], 3) for k in MATCHED_KL)
         lines.append(f"| {h['method']} | {at} | {_pm(h['wall_s'], 0)} | {h['peak_rss_mb']:.0f} "
                      f"| {h['seeds']} |")  # fmt: skip
+    for g in gaps(entries, RL_METHODS):
+        lines.append(f"\nat KL {g['budget']:g}: best direct method {g['direct']} "
+                     f"{g['direct_reward']:.3f}, best RL baseline {g['rl']} {g['rl_reward']:.3f} "
+                     f"(direct − RL: {g['gap']:+.3f})")  # fmt: skip
     return lines
 
 

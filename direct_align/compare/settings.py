@@ -10,7 +10,8 @@ from direct_align import settings as s
 from direct_align.compare.plan import TASKS
 from direct_align.config import Setting, at_least
 
-METHODS = ("dpo", "ipo", "orpo", "simpo", "robust", "cdpo", "ppo", "online-dpo", "online-rpo")
+METHODS = ("dpo", "ipo", "orpo", "simpo", "kto", "robust", "cdpo", "ppo", "rloo", "online-dpo",
+           "online-rpo", "online-rebel", "online-lipo", "online-kto")
 
 
 @dataclass

@@ -26,7 +26,13 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from direct_align.engine.distributed import any_across, backward, configure_deepspeed, sum_across
+from direct_align.engine.distributed import (
+    any_across,
+    backward,
+    configure_deepspeed,
+    even_share,
+    sum_across,  # fmt: skip
+)
 from direct_align.engine.tracking import PEAKS_AT, peak_mb
 from direct_align.errors import ConfigError, NonFinite
 
@@ -174,3 +180,17 @@ def clipped_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm)
+
+
+def optimizer_step(model: nn.Module, micro_batches: Sequence[T], forward: Callable[[T], Forward], *,
+                   accelerator: Accelerator, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   max_grad_norm: float, weight: Callable[[T], float] = len,
+                   ) -> tuple[dict[str, float], int]:  # fmt: skip
+    """One optimizer step of a preference loop: each process's share of ``micro_batches``
+    (:func:`~direct_align.engine.distributed.even_share`) through :func:`accumulate`, then
+    :func:`clipped_step`. Returns (the step's metrics with ``grad_norm``, tokens computed)."""
+    metrics, tokens = accumulate(model, even_share(micro_batches, accelerator), forward,
+                                 weight=weight, accelerator=accelerator)  # fmt: skip
+    metrics["grad_norm"] = clipped_step(model, optimizer, scheduler, accelerator=accelerator,
+                                        max_grad_norm=max_grad_norm)  # fmt: skip
+    return metrics, tokens

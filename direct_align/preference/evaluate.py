@@ -72,10 +72,10 @@ def evaluate_pairs(
 def eval_metrics(model: PreferenceModel, evals: PairDataset, ref: ReferenceLogps | None, *,
                  cfg: Any, accelerator: Accelerator, pad_token_id: int) -> dict[str, float]:  # fmt: skip
     """``eval/*`` metrics of the held-out pairs under the settings of `train` (``cfg``)."""
-    from direct_align.preference.settings import loss_kwargs
+    from direct_align.preference.settings import eval_loss
 
-    metrics = evaluate_pairs(model, evals, ref, loss=cfg.loss, beta=cfg.beta,
-                             loss_kwargs=loss_kwargs(cfg),
+    loss, beta, options = eval_loss(cfg)
+    metrics = evaluate_pairs(model, evals, ref, loss=loss, beta=beta, loss_kwargs=options,
                              batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
                              layout=cfg.layout, pad_token_id=pad_token_id,
                              device=accelerator.device, autocast=accelerator.autocast,

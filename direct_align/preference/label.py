@@ -36,8 +36,8 @@ from direct_align.losses import LOSSES
 from direct_align.models.loading import load_causal_lm, load_tokenizer
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.preference.label_settings import LabelConfig, SelectConfig
-from direct_align.preference.online import make_pairs
 from direct_align.preference.reference import score_shared
+from direct_align.preference.round_work import make_pairs
 from direct_align.rewards import load_rewards
 from direct_align.rm.model import encode_responses
 

@@ -19,10 +19,9 @@ from accelerate import Accelerator
 from direct_align.data import PairDataset
 from direct_align.data.batching import Batcher
 from direct_align.data.packing import build_batch
-from direct_align.engine.distributed import even_share
 from direct_align.engine.loop import EpochState, Loop
 from direct_align.engine.session import Session
-from direct_align.engine.step import Forward, accumulate, clipped_step, make_optimizer, prepare
+from direct_align.engine.step import Forward, make_optimizer, optimizer_step, prepare
 from direct_align.losses import preference_loss
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.preference.evaluate import Probe, held_out_evaluation
@@ -59,11 +58,8 @@ def train_step(model: Any, data: PairDataset, group: list[list[int]], ref: Refer
         )  # fmt: skip
         return Forward(loss, metrics, batch.num_tokens)
 
-    metrics, tokens = accumulate(model, even_share(group, accelerator), forward, weight=len,
-                                 accelerator=accelerator)  # fmt: skip
-    metrics["grad_norm"] = clipped_step(model, optimizer, scheduler, accelerator=accelerator,
-                                        max_grad_norm=cfg.max_grad_norm)  # fmt: skip
-    return metrics, tokens
+    return optimizer_step(model, group, forward, accelerator=accelerator, optimizer=optimizer,
+                          scheduler=scheduler, max_grad_norm=cfg.max_grad_norm)
 
 
 def fit(policy: PreferenceModel, train: PairDataset, evals: PairDataset, refs: References, *,

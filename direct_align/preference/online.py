@@ -35,18 +35,22 @@ from typing import Any
 
 import torch
 
-from direct_align.data import PairDataset, fit_pair
-from direct_align.data.batching import Batcher
+from direct_align.data import PairDataset
 from direct_align.data.prompts import Prompts
 from direct_align.engine.loop import Loop
 from direct_align.engine.session import Session
 from direct_align.engine.step import make_optimizer, prepare
 from direct_align.generation import sample_and_judge
+from direct_align.group_losses import GROUP_LOSSES
+from direct_align.losses import LOSSES
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import AdaptersOff
 from direct_align.preference.evaluate import Probe, held_out_evaluation
-from direct_align.preference.offline import train_step
-from direct_align.preference.reference import ReferenceLogps, score_shared
+from direct_align.preference.reference import ReferenceLogps
+from direct_align.preference.round_work import (
+    round_work,
+    sample_rows,
+)
 from direct_align.preference.settings import TrainConfig
 from direct_align.rewards import JudgeError, Rewards
 
@@ -59,8 +63,8 @@ class OnlineState:
 
     round: int = 0  # rounds done
     step: int = 0  # optimizer steps done
-    pairs: int = 0  # pairs made from judged samples
-    pairs_seen: int = 0  # pairs trained on, counted once per epoch
+    pairs: int = 0  # pairs made from judged samples (KTO: thumbs; a group loss: prompts' groups)
+    pairs_seen: int = 0  # pairs (thumbs, groups) trained on, counted once per epoch
     judge_calls: int = 0  # responses scored
     tokens_generated: int = 0  # response tokens sampled
     train_seconds: float = 0.0
@@ -80,51 +84,17 @@ def round_prompts(n: int, per_round: int, seed: int, round_index: int) -> list[i
     return out
 
 
-def make_pairs(scores: torch.Tensor, margin: float | None = None) -> list[tuple[int, int, int]]:
-    """(prompt, chosen, rejected) index triples from rewards ``[P, k]`` of k responses a prompt.
-
-    Without ``margin``: the best response against the worst (the first of equals), none when
-    all k tie. With ``margin``: every ordered pair whose rewards differ by more than ``margin``.
-    """
-    triples = []
-    for p, row in enumerate(scores.tolist()):
-        if margin is None:
-            best = max(range(len(row)), key=row.__getitem__)
-            worst = min(range(len(row)), key=row.__getitem__)
-            if row[best] > row[worst]:
-                triples.append((p, best, worst))
-        else:
-            triples += [(p, i, j) for i in range(len(row)) for j in range(len(row))
-                        if row[i] - row[j] > margin]  # fmt: skip
-    return triples
-
-
-def pairs_from_samples(prompt_ids: list[list[int]], responses: list[list[int]], k: int,
-                       triples: list[tuple[int, int, int]], *, max_length: int,
-                       max_prompt_length: int | None, bos_id: int | None) -> PairDataset:  # fmt: skip
-    """The pairs ``triples`` as token ids, fitted into ``max_length`` as offline pairs are.
-
-    ``responses`` holds ``k`` responses per prompt, prompt by prompt (``P × k`` lists); pairs
-    whose responses are identical after truncation are left out.
-    """
-    out = PairDataset([], [], [])
-    for p, c, r in triples:
-        fitted = fit_pair(prompt_ids[p], responses[p * k + c], responses[p * k + r],
-                          max_length=max_length, max_prompt_length=max_prompt_length,
-                          bos_id=bos_id)  # fmt: skip
-        if fitted is None or fitted[1] == fitted[2] or not fitted[1] or not fitted[2]:
-            continue
-        out.prompt_ids.append(fitted[0])
-        out.chosen_ids.append(fitted[1])
-        out.rejected_ids.append(fitted[2])
-    return out
-
-
 def steps_per_round(cfg: TrainConfig) -> int:
-    """The most optimizer steps one round can take (each prompt giving its most pairs)."""
+    """The most optimizer steps one round can take: each prompt giving its most pairs (a pair
+    loss), its k thumbs (KTO) or itself with its k samples (a group loss)."""
     k = cfg.samples_per_prompt
-    pairs = cfg.prompts_per_round * (1 if cfg.pair_margin is None else k * (k - 1) // 2)
-    return cfg.epochs * math.ceil(math.ceil(pairs / cfg.batch_size) / cfg.grad_accum)
+    if cfg.loss in GROUP_LOSSES:
+        items = cfg.prompts_per_round
+    elif LOSSES[cfg.loss].unpaired:
+        items = cfg.prompts_per_round * k
+    else:
+        items = cfg.prompts_per_round * (1 if cfg.pair_margin is None else k * (k - 1) // 2)
+    return cfg.epochs * math.ceil(math.ceil(items / cfg.batch_size) / cfg.grad_accum)
 
 
 def fit_online(
@@ -188,40 +158,33 @@ def fit_online(
             ended = [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]
             state.judge_calls += len(responses)
             state.tokens_generated += sum(map(len, responses))
-            # 4-5. pairs, and their reference log-probs
-            triples = make_pairs(scores.view(len(texts), k), cfg.pair_margin)
-            data = pairs_from_samples(prompt_ids, responses, k, triples, max_length=cfg.max_length,
-                                      max_prompt_length=cfg.max_prompt_length,
-                                      bos_id=tokenizer.bos_token_id)  # fmt: skip
-            state.pairs += len(data)
-            tracker.log_table("online/pairs", _pair_rows(texts, responses, scores, k, triples,
-                                                         tokenizer, cfg.log_generations),
+            # 4-5. what the loss learns from (pairs, thumbs or whole groups), with the
+            #      reference's (and the sampling policy's) log-probs
+            work = round_work(model, reference, prompt_ids, responses, scores, cfg=cfg,
+                              accelerator=accelerator, pad_token_id=pad,
+                              bos_id=tokenizer.bos_token_id)  # fmt: skip
+            state.pairs += len(work.data)
+            tracker.log_table("online/pairs", sample_rows(texts, responses, scores, k,
+                                                          getattr(work, "triples", []), tokenizer,
+                                                          cfg.log_generations),
                               state.step)  # fmt: skip
-            ref = None
-            if reference is not None and len(data):  # iterative DPO: the policy as it is now
-                scorer = accelerator.unwrap_model(model) if cfg.refresh_reference else reference
-                ref = score_shared(scorer, data, batch_size=eval_batch, layout=cfg.layout,
-                                   pad_token_id=pad, device=device, autocast=accelerator.autocast,
-                                   accelerator=accelerator)  # fmt: skip
-            # 6. optimizer steps on the round's pairs
-            batcher = Batcher(data, batch_size=cfg.batch_size, seed=cfg.seed + state.round,
-                              layout=cfg.layout) if len(data) else None  # fmt: skip
-            for epoch in range(cfg.epochs if batcher else 0):
-                micro = batcher.micro_batches(epoch)
+            # 6. optimizer steps on the round's pairs, thumbs or groups
+            for epoch in range(cfg.epochs if len(work.data) else 0):
+                micro = work.micro_batches(state.round, epoch)
                 for start in range(0, len(micro), cfg.grad_accum):
                     group = micro[start : start + cfg.grad_accum]
                     with loop.step():
-                        metrics, tokens = train_step(model, data, group, ref, cfg=cfg,
-                                                     accelerator=accelerator, optimizer=optimizer,
-                                                     scheduler=scheduler, pad_token_id=pad)  # fmt: skip
+                        metrics, tokens = work.step(model, group, accelerator=accelerator,
+                                                    optimizer=optimizer, scheduler=scheduler,
+                                                    pad_token_id=pad)  # fmt: skip
                     state.pairs_seen += sum(map(len, group))
                     loop.window.add(metrics, tokens)
             state.round += 1
             # 7. log the round; evaluate, checkpoint, stop (signals, --max-steps-per-run)
             logged = {f"online/{key}": v for key, v in judge_metrics.items()}
             logged |= {"online/round": state.round, "online/judge_calls": state.judge_calls,
-                       "online/pairs": len(data),
-                       "online/prompts_without_pair": len(texts) - len({p for p, _, _ in triples}),
+                       "online/pairs": len(work.data),
+                       "online/prompts_without_pair": len(texts) - work.prompts_used,
                        "online/response_tokens": sum(map(len, responses)) / len(responses),
                        "online/missing_eos": 1 - sum(ended) / len(ended)}  # fmt: skip
             if loop.window.steps:
@@ -229,7 +192,7 @@ def fit_online(
                                                        "train/epoch": state.round}  # fmt: skip
             tracker.log(logged, state.step)
             loop.bar.update(1)
-            loop.bar.set_postfix(reward=f"{judge_metrics['reward/total']:.3f}", pairs=len(data),
+            loop.bar.set_postfix(reward=f"{judge_metrics['reward/total']:.3f}", pairs=len(work.data),
                                  refresh=False)  # fmt: skip
             if loop.eval_due():
                 eval_now = evaluate()
@@ -238,17 +201,6 @@ def fit_online(
     final = evaluate() or eval_now
     loop.stop_if_requested(f"after round {state.round}")
     return state, final, model, True
-
-
-def _pair_rows(texts: list[str], responses: list[list[int]], scores: torch.Tensor, k: int,
-               triples: list[tuple[int, int, int]], tokenizer: Any, n: int) -> list[dict[str, Any]]:  # fmt: skip
-    """The first ``n`` of a round's pairs, as text with their judged rewards."""
-    def text(p: int, i: int) -> str:
-        return tokenizer.decode(responses[p * k + i], skip_special_tokens=True)
-
-    return [{"prompt": texts[p], "chosen": text(p, c), "rejected": text(p, r),
-             "chosen_reward": scores[p * k + c].item(), "rejected_reward": scores[p * k + r].item()}
-            for p, c, r in triples[:n]]  # fmt: skip
 
 
 def _judge_failed(error: JudgeError, loop: Loop[OnlineState]) -> JudgeError:

@@ -21,19 +21,27 @@ def print_summary(summary: dict[str, Any], output_dir: str) -> None:
             ("KL(policy‖reference) of samples, nats", 0.0, b["policy/kl"]),
             ("response tokens per sample", b["reference/response_tokens"], b["policy/response_tokens"]),
         ]  # fmt: skip
-    unpaired = LOSSES[summary["loss"]].unpaired  # labelled examples, not pairs
+    loss = summary.get("eval_loss", summary["loss"])  # online KTO and group losses: dpo
+    unpaired = LOSSES[loss].unpaired  # labelled examples, not pairs
     accuracy, last = (("held-out label accuracy", ("held-out KL estimate z0", "eval/kl"))
                       if unpaired else ("held-out preference accuracy",
                                         ("held-out reward margin", "eval/rewards/margins")))  # fmt: skip
     rows += [
         (accuracy, initial.get("eval/rewards/accuracies"), final.get("eval/rewards/accuracies")),
-        (f"held-out {summary['loss']} loss", initial.get("eval/loss"), final.get("eval/loss")),
+        (f"held-out {loss} loss", initial.get("eval/loss"), final.get("eval/loss")),
         (last[0], initial.get(last[1]), final.get(last[1])),
     ]  # fmt: skip
     lines = [table(["", "reference", "policy"], rows),
-             f"{summary['steps']} steps, {summary['train_pairs']} {'examples' if unpaired else 'pairs'}, "
+             f"{summary['steps']} steps, {summary['train_pairs']} {_trained_on(summary)}, "
              f"{summary['runtime_s']:.0f} s → {output_dir}/final"]  # fmt: skip
     if summary.get("online"):
         lines.append(f"online: {summary['rounds']} rounds, {summary['judge_calls']} judge calls "
                      "(responses scored)")  # fmt: skip
     click.echo("\n" + "\n".join(lines))
+
+
+def _trained_on(summary: dict[str, Any]) -> str:
+    """What ``train_pairs`` counts: pairs, labelled examples (KTO) or prompts' groups."""
+    if summary["loss"] not in LOSSES:
+        return "groups"
+    return "examples" if LOSSES[summary["loss"]].unpaired else "pairs"

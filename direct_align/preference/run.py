@@ -36,6 +36,7 @@ from direct_align.models.loading import (
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import AdaptersOff, adapters_disabled
 from direct_align.preference.evaluate import Probe
+from direct_align.preference.groups import group_kwargs
 from direct_align.preference.offline import fit
 from direct_align.preference.online import fit_online
 from direct_align.preference.reference import (
@@ -45,7 +46,13 @@ from direct_align.preference.reference import (
     model_fingerprint,
     score_sharded,
 )
-from direct_align.preference.settings import TrainConfig, balance_kto, loss_kwargs, uses_reference
+from direct_align.preference.settings import (
+    TrainConfig,
+    balance_kto,
+    eval_loss,
+    loss_kwargs,
+    uses_reference,  # fmt: skip
+)
 from direct_align.rewards import RewardModelJudge, load_rewards
 from direct_align.settings import frozen_dtype, uses_bf16
 
@@ -59,34 +66,39 @@ def run_train(cfg: TrainConfig) -> dict[str, Any] | None:
         return (_run_online if cfg.online else _run_offline)(cfg, session)
 
 
-def _prepare(source: str, tokenizer: Any, cfg: TrainConfig, split: str) -> PairDataset:
+def _prepare(source: str, tokenizer: Any, cfg: TrainConfig, split: str,
+             loss: str | None = None) -> PairDataset:  # fmt: skip
+    """The pairs (or KTO's labelled examples) of ``source`` for ``loss`` (default: the
+    training loss; held-out data: the evaluation's, :func:`eval_loss`)."""
+    loss = loss or cfg.loss
     data = prepare_pairs(source, tokenizer, fmt=cfg.format, max_length=cfg.max_length,
                          max_prompt_length=cfg.max_prompt_length, split=split, unpaired=True,
                          unpaired_from_pairs=cfg.unpaired_from_pairs, seed=cfg.seed)  # fmt: skip
     kind = "unpaired " if data.unpaired else ""
     log.info("%s: %s%s format, %s", source, kind, data.format, data.stats.describe())
-    if LOSSES[cfg.loss].unpaired and not data.unpaired:
-        raise DataError(f"{source}: --loss {cfg.loss} trains on unpaired feedback (prompt, "
+    if LOSSES[loss].unpaired and not data.unpaired:
+        raise DataError(f"{source}: --loss {loss} trains on unpaired feedback (prompt, "
                         "completion, label) and these are pairs; pass --unpaired-from-pairs to "
                         "take chosen as desirable and rejected as undesirable")  # fmt: skip
-    if data.unpaired and not LOSSES[cfg.loss].unpaired:
+    if data.unpaired and not LOSSES[loss].unpaired:
         raise DataError(f"{source}: unpaired feedback (prompt, completion, label) trains with "
-                        f"--loss kto, not --loss {cfg.loss}, which needs pairs")  # fmt: skip
+                        f"--loss kto, not --loss {loss}, which needs pairs")  # fmt: skip
     return data.pairs
 
 
 def _eval_pairs(cfg: TrainConfig, inputs: Inputs, tokenizer: Any) -> PairDataset | None:
     """The held-out pairs: --eval-dataset, or the built-in task's (None otherwise)."""
+    loss = eval_loss(cfg)[0]
     if cfg.eval_dataset:
-        return _prepare(cfg.eval_dataset, tokenizer, cfg, cfg.eval_split or cfg.split)
+        return _prepare(cfg.eval_dataset, tokenizer, cfg, cfg.eval_split or cfg.split, loss)
     if cfg.dataset is None:
-        return _prepare(str(_builtin_eval_file(cfg, inputs)), tokenizer, cfg, "train")
+        return _prepare(str(_builtin_eval_file(cfg, inputs)), tokenizer, cfg, "train", loss)
     return None
 
 
 def _builtin_eval_file(cfg: TrainConfig, inputs: Inputs) -> Any:
     """The built-in task's held-out pairs, or their responses as thumbs up/down for kto."""
-    if LOSSES[cfg.loss].unpaired:
+    if LOSSES[eval_loss(cfg)[0]].unpaired:
         return inputs.assets.thumbs_eval_file(cfg.thumbs_threshold)
     return inputs.assets.eval_file
 
@@ -294,7 +306,8 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
     if not finished:
         return None
     summary: dict[str, Any] = {
-        "loss": cfg.loss, "beta": cfg.beta, "online": True, "rounds": state.round,
+        "loss": cfg.loss, "beta": cfg.beta, **group_kwargs(cfg), "eval_loss": eval_loss(cfg)[0],
+        "online": True, "rounds": state.round,
         "steps": state.step, "judge_calls": state.judge_calls, "train_pairs": state.pairs,
         "pairs_seen": state.pairs_seen, "tokens_generated": state.tokens_generated,
         # policy, a reference model for fresh pairs (not with LoRA: the policy with its

@@ -16,7 +16,8 @@ import torch
 
 from direct_align import settings as s
 from direct_align.config import NON_NEGATIVE, POSITIVE, Setting, at_least, within
-from direct_align.losses import LOSSES
+from direct_align.group_losses import GROUP_LOSSES, GroupLossSpec
+from direct_align.losses import LOSSES, LossSpec
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,9 @@ LAYOUTS = ("shared", "packed", "padded")
 LORA_SAVE = ("adapter", "merged")
 
 # --- the loss --------------------------------------------------------------------------------------
-LOSS = Setting(str, "dpo", "Preference loss.", tuple(LOSSES))
+LOSS = Setting(str, "dpo", "Preference loss; rebel, lipo, sppo and rloo learn from each "
+                           "prompt's k judged samples with --online.",
+               (*LOSSES, *GROUP_LOSSES))  # fmt: skip
 BETA = Setting(float, None, "Loss strength β (ORPO: λ); default: the loss's own default.",
                rule=POSITIVE)  # fmt: skip
 LABEL_SMOOTHING = Setting(float, 0.0, "Label-noise rate ε for dpo (conservative DPO), robust, simpo.",
@@ -64,6 +67,9 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
     beta: float | None = BETA.field()
     label_smoothing: float = LABEL_SMOOTHING.field()
     gamma: float = GAMMA.field()
+    eta: float | None = Setting(float, None, "rebel, sppo: step size η of the update they "
+                                             "regress on (π_t+1 ∝ π_t·exp(η·reward)); "
+                                             "default 1.", rule=POSITIVE).field()  # fmt: skip
     rpo_alpha: float = Setting(float, 0.0, "Add this weight times the chosen response's per-token "
                                            "NLL to each pair's loss (RPO); 0: off.",
                                rule=NON_NEGATIVE).field()  # fmt: skip
@@ -158,7 +164,7 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
 
     def complete(self) -> None:
         if self.beta is None:
-            self.beta = LOSSES[self.loss].default_beta
+            self.beta = loss_spec(self.loss).default_beta
         if self.lora_r is not None and self.lora_alpha is None:
             self.lora_alpha = 2.0 * self.lora_r
         s.complete_output_dir(self, self.loss)
@@ -172,21 +178,22 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
              f"--attn {self.attn} needs a packed layout (--layout shared or packed)"),
             *s.run_checks(self),
             *online_checks(self),
-            (not (self.rpo_alpha and LOSSES[self.loss].unpaired),
+            (not (self.rpo_alpha and not pairwise(self)),
              f"--rpo-alpha adds the chosen response's NLL to a pair's loss; {self.loss} has no pairs"),
+            (self.eta is None or "eta" in loss_spec(self.loss).options,
+             f"--eta is the step size of rebel and sppo; --loss {self.loss} has none"),
+            (self.loss not in GROUP_LOSSES or self.online,
+             f"--loss {self.loss} learns from each prompt's k judged samples: add --online"),
             *lora_checks(self),
             *attention,
-            (not (LOSSES[self.loss].reference_free and self.ref_model is not None),
+            (not (loss_spec(self.loss).reference_free and self.ref_model is not None),
              f"--ref-model: {self.loss} is reference-free and uses no reference"),
             (not (self.reference_free and self.ref_model is not None),
              "--ref-model and --reference-free exclude each other"),
-            (not (LOSSES[self.loss].unpaired and self.online),
-             f"--loss {self.loss} trains on unpaired feedback; --online makes pairs (use a "
-             "paired loss: dpo, ipo, ...)"),
-            (not (LOSSES[self.loss].unpaired and self.reference_free),
+            (not (loss_spec(self.loss).unpaired and self.reference_free),
              f"--reference-free: --loss {self.loss} measures each completion against the "
              "reference (its reward is a log-ratio) and needs one"),
-            (not self.unpaired_from_pairs or LOSSES[self.loss].unpaired,
+            (not self.unpaired_from_pairs or loss_spec(self.loss).unpaired,
              f"--unpaired-from-pairs is for unpaired losses (kto), not --loss {self.loss}"),
         ]  # fmt: skip
 
@@ -203,6 +210,10 @@ def online_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
          "--online with --dataset needs a judge: --reward SPEC (see --help)"),
         (not (cfg.refresh_reference and not uses_reference(cfg)),
          f"--refresh-reference: {cfg.loss} uses no reference here"),
+        (cfg.pair_margin is None or pairwise(cfg),
+         f"--pair-margin chooses pairs; --loss {cfg.loss} learns from every sample"),
+        (not (cfg.loss in GROUP_LOSSES and cfg.reference_free),
+         f"--reference-free: --loss {cfg.loss} decides for itself what it reads"),
     ]  # fmt: skip
 
 
@@ -235,8 +246,29 @@ def attention_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
                              "on a bf16 GPU)")]  # fmt: skip
 
 
+def loss_spec(name: str) -> LossSpec | GroupLossSpec:
+    """The registered pair, unpaired or group loss ``name``."""
+    return GROUP_LOSSES[name] if name in GROUP_LOSSES else LOSSES[name]
+
+
+def pairwise(cfg: TrainConfig) -> bool:
+    """Whether the loss trains on pairs (not thumbs, not whole groups)."""
+    return not loss_spec(cfg.loss).unpaired and cfg.loss not in GROUP_LOSSES
+
+
 def uses_reference(cfg: TrainConfig) -> bool:
-    return not (LOSSES[cfg.loss].reference_free or cfg.reference_free)
+    return not (loss_spec(cfg.loss).reference_free or cfg.reference_free)
+
+
+def eval_loss(cfg: TrainConfig) -> tuple[str, float, dict[str, Any]]:
+    """(loss, β, options) of the held-out pair evaluation: the training loss where it reads
+    pairs or (offline KTO) labelled examples; DPO at the run's β for online KTO and the group
+    losses, whose training data the held-out pairs are not (the default β where the loss has
+    none: SPPO)."""
+    if cfg.loss in LOSSES and not (cfg.online and LOSSES[cfg.loss].unpaired):
+        return cfg.loss, cfg.beta, loss_kwargs(cfg)
+    uses_beta = getattr(loss_spec(cfg.loss), "uses_beta", True)
+    return "dpo", cfg.beta if uses_beta else LOSSES["dpo"].default_beta, {}
 
 
 def balance_kto(cfg: TrainConfig, labels: list[bool]) -> TrainConfig:
@@ -265,5 +297,5 @@ def loss_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """The extra settings (label_smoothing, gamma, KTO's weights) that the chosen loss accepts."""
     given = {"label_smoothing": cfg.label_smoothing, "gamma": cfg.gamma,
              "desirable_weight": cfg.desirable_weight, "undesirable_weight": cfg.undesirable_weight}
-    options = {k: v for k, v in given.items() if k in LOSSES[cfg.loss].options and v is not None}
+    options = {k: v for k, v in given.items() if k in loss_spec(cfg.loss).options and v is not None}
     return options | ({"rpo_alpha": cfg.rpo_alpha} if cfg.rpo_alpha else {})

@@ -21,12 +21,13 @@ from scripts.wandb_offline import read_runs, read_table
 def test_plan_runs_every_method_and_ppo_shares_one_reward_model() -> None:
     for quick, per_method in ((True, 1), (False, 3)):
         shared_rm, methods = plan(quick, seed=7)
-        names = ("dpo", "ipo", "orpo", "simpo", "ppo", "online-dpo")
+        names = ("dpo", "ipo", "orpo", "simpo", "kto", "ppo", "rloo", "online-dpo",
+                 "online-rebel", "online-lipo", "online-kto")
         counts = {m: sum(x.method == m for x in methods) for m in names}
         assert min(counts.values()) == (1 if quick else 2) and counts["dpo"] >= per_method
         assert len({m.name for m in methods}) == len(methods)  # run names are unique
         for m in methods:
-            second = {"ppo": "ppo", "online-dpo": "online", "online-rpo": "online"}.get(m.method)
+            second = "ppo" if m.method == "ppo" else "online" if "--online" in m.stages[-1].args else None
             assert [s.name for s in m.stages] == (["reward_model", second] if second
                                                   else ["train"])  # fmt: skip
             if second:
@@ -34,6 +35,9 @@ def test_plan_runs_every_method_and_ppo_shares_one_reward_model() -> None:
             assert all("--seed" in s.args and "7" in s.args for s in m.stages)
             assert ("--max-steps" in m.stages[-1].args) == (quick and second is None)
             assert ("--rpo-alpha" in m.stages[-1].args) == (m.method == "online-rpo")
+            if second == "online":  # the loss named by the method (online DPO and RPO: dpo)
+                loss = m.stages[-1].args[m.stages[-1].args.index("--loss") + 1]
+                assert loss == {"online-rpo": "dpo"}.get(m.method, m.method.removeprefix("online-"))
             evaluate_every = m.stages[-1].args[m.stages[-1].args.index("--eval-every") + 1]
             assert int(evaluate_every) > 0  # every run is evaluated along training
 
@@ -41,7 +45,8 @@ def test_plan_runs_every_method_and_ppo_shares_one_reward_model() -> None:
 def test_the_proxy_task_gives_the_reward_model_and_offline_losses_a_noisy_subset() -> None:
     shared_rm, methods = plan(False, seed=1, task="proxy")
     noisy = ("--train-pairs", str(PROXY_PAIRS), "--label-noise", str(PROXY_NOISE))
-    learn_from_rm = ("ppo", "online-dpo", "online-rpo")
+    learn_from_rm = ("ppo", "rloo", "online-dpo", "online-rpo", "online-rebel", "online-lipo",
+                     "online-kto")
     for stage in (shared_rm, *(m.stages[-1] for m in methods if m.method not in learn_from_rm)):
         assert " ".join(noisy) in " ".join(stage.args)
     for m in methods:
@@ -51,6 +56,8 @@ def test_the_proxy_task_gives_the_reward_model_and_offline_losses_a_noisy_subset
     assert "--train-pairs" not in builtin_rm.args
     aware = {m.method for m in methods} - {m.method for m in builtin}
     assert aware == {"robust", "cdpo"}  # told the noise rate
+    # KTO reads the built-in task's thumbs, labelled by the gold reward: not on the proxy task
+    assert "kto" in {m.method for m in builtin} and "kto" not in {m.method for m in methods}
     assert all(f"--label-smoothing {PROXY_NOISE}" in " ".join(m.stages[-1].args)
                for m in methods if m.method in aware)  # fmt: skip
 
@@ -82,6 +89,10 @@ def test_several_seeds_give_mean_and_spread_tables_and_every_plot(tmp_path) -> N
     # (β=0.1 along training) — at 0.75 nats between the last two (0.81), at 1.5 the best; seeds +0.01
     assert "| dpo | 0.870 ± 0.010 | 0.870 ± 0.010 |" in table
     assert headline(rows, budgets=(0.75,))[0]["reward_at_0.75"][0] == pytest.approx(0.82)
+    # ppo's frontier: (0, 0.4), (1.25, 0.95 + 0.01·seed) along training (its end at 2.5 nats is
+    # lower), so 0.97 on average at 1.5 nats: the best direct method is 0.1 behind the RL one
+    assert ("at KL 1.5: best direct method dpo 0.870, best RL baseline ppo 0.970 "
+            "(direct − RL: -0.100)") in table
     paths = write_plots(result, tmp_path)
     assert [p.name for p in paths] == ["frontier.png", "reward_vs_time.png",
                                        "overoptimisation.png", "memory.png"]  # fmt: skip
@@ -114,7 +125,8 @@ def test_quick_comparison_measures_every_method_and_ppo_learns(default_run, tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((out / "comparison.json").read_text())
     rows = {r["method"]: r for r in table["rows"]}
-    assert set(rows) == {"dpo", "ipo", "orpo", "simpo", "ppo", "online-dpo"}
+    assert set(rows) == {"dpo", "ipo", "orpo", "simpo", "kto", "ppo", "rloo", "online-dpo",
+                         "online-rebel", "online-lipo", "online-kto"}
     reference = rows["ppo"]["reference_true_reward"]
     assert rows["ppo"]["true_reward"] > reference + 0.15
     for r in rows.values():
@@ -126,7 +138,8 @@ def test_quick_comparison_measures_every_method_and_ppo_learns(default_run, tmp_
         assert 0 < r["eval_s"] < r["total_wall_s"]
         assert r["cost_wall_s"] == pytest.approx(r["total_wall_s"] - r["eval_s"], abs=0.2)
     assert rows["ppo"]["models_in_memory"] == 4 and rows["dpo"]["models_in_memory"] == 1
-    assert rows["online-dpo"]["models_in_memory"] == 3  # policy, reference, reward-model judge
+    for name in ("online-dpo", "online-rebel", "online-lipo", "online-kto", "rloo"):
+        assert rows[name]["models_in_memory"] == 3  # policy, reference, reward-model judge
     assert set(rows["ppo"]["wall_s"]) == {"reward_model", "ppo"}
     assert rows["online-dpo"]["wall_s"]["reward_model"] == rows["ppo"]["wall_s"]["reward_model"]
     assert table["reward_model"]["wall_s"] == rows["ppo"]["wall_s"]["reward_model"]

@@ -38,7 +38,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dic
 
 def commands(name: str, model: Path, files: dict[str, Path]) -> list[str]:
     """The command line of each training command, long enough to be stopped mid-run."""
-    return {
+    lines = {
         "train-rm": ["train-rm", "--model", str(model), "--dataset", str(files["pairs"]),
                      "--max-steps", "80", "--batch-size", "4", "--learning-rate", "1e-3",
                      "--max-length", "64", "--eval-every", "40", "--save-every", "0"],
@@ -51,7 +51,11 @@ def commands(name: str, model: Path, files: dict[str, Path]) -> list[str]:
                            "--rounds", "14", "--prompts-per-round", "8", "--max-new-tokens", "8",
                            "--max-length", "48", "--batch-size", "4", "--learning-rate", "5e-2",
                            "--eval-every", "0", "--save-every", "0"],
-    }[name]  # fmt: skip
+    }  # fmt: skip
+    # the critic-free RL baseline: every prompt's whole group, with the sampling log-probs
+    lines["train --online --loss rloo"] = [*lines["train --online"], "--loss", "rloo",
+                                           "--samples-per-prompt", "3"]  # fmt: skip
+    return lines[name]
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -94,7 +98,8 @@ def stop_mid_run(args: list[str], out: Path, cache: Path, *, kill: bool = False,
     return stderr
 
 
-@pytest.mark.parametrize("command", ["train-rm", "ppo", "train --online"])
+@pytest.mark.parametrize("command", ["train-rm", "ppo", "train --online",
+                                     "train --online --loss rloo"])
 def test_stopped_twice_then_resumed_it_ends_with_the_weights_of_an_uninterrupted_run(
         command: str, files: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:  # fmt: skip
     """Stopped by --max-steps-per-run, resumed and stopped by SIGTERM mid-run, resumed and

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import train_settings
 from direct_align.errors import ConfigError
-from direct_align.preference.online import make_pairs, pairs_from_samples, round_prompts
+from direct_align.preference.online import round_prompts
+from direct_align.preference.round_work import make_pairs, pairs_from_samples
 from prefdata import write_jsonl
 
 # "letter_e" rewards responses by their count of the letter e, which a random tiny model can

@@ -63,7 +63,7 @@ def test_unpaired_data_with_a_paired_loss_is_one_line(thumbs, tiny_model_dir, tm
     message = fail(capsys, ["train", "--loss", "dpo", "--unpaired-from-pairs", "--model",
                             str(tiny_model_dir), "--dataset", str(thumbs)])  # fmt: skip
     assert message == "--unpaired-from-pairs is for unpaired losses (kto), not --loss dpo"
-    message = fail(capsys, ["train", "--loss", "kto", "--online"])
-    assert message.startswith("--loss kto trains on unpaired feedback; --online makes pairs")
+    message = fail(capsys, ["train", "--loss", "kto", "--online", "--pair-margin", "0.1"])
+    assert message == "--pair-margin chooses pairs; --loss kto learns from every sample"
     message = fail(capsys, ["train", "--loss", "kto", "--reference-free"])
     assert message.startswith("--reference-free: --loss kto measures each completion against")
