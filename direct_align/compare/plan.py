@@ -56,17 +56,20 @@ NOISE_AWARE = [("robust", "robust", (0.1, 0.3)), ("cdpo", "dpo", (0.1, 0.3))]
 # which have no reference, are left to the built-in task to keep the run short)
 PROXY_OFFLINE = {"dpo": (0.1, 0.3), "ipo": (0.1, 0.5)}
 PPO_KL = (0.02, 0.05, 0.2)
-# online methods, judged by the same reward model as PPO: (method, loss, strength name, values,
-# extra flags), the strength given as --beta. Online DPO plain and with an NLL term on the chosen
-# response (RPO, --rpo-alpha), the best of the pair variants in docs/comparison.md; the losses
-# that learn from every sample's reward (REBEL, LiPO-λ, online KTO with the judge's thumbs); and
-# RLOO, the critic-free RL baseline (β: its KL coefficient). Quick mode: the first value.
-ONLINE = [("online-dpo", "dpo", "β", (0.1, 0.3), ()),
-          ("online-rpo", "dpo", "β", (0.3, 1.0), ("--rpo-alpha", "1.0")),
-          ("online-rebel", "rebel", "β", (0.05, 0.02), ()),
-          ("online-lipo", "lipo", "β", (0.1, 0.3), ()),
-          ("online-kto", "kto", "β", (0.1, 0.3), ()),
-          ("rloo", "rloo", "KL coef β", (0.05, 0.02, 0.1), ())]  # fmt: skip
+# online methods, judged by the same reward model as PPO: (method, loss, strength name, flag,
+# values, extra flags). Online DPO plain and with an NLL term on the chosen response (RPO,
+# --rpo-alpha), the best of the pair variants in docs/comparison.md; the losses that learn from
+# every sample's reward (REBEL, SPPO, LiPO-λ, online KTO with the judge's thumbs); and RLOO, the
+# critic-free RL baseline (β: its KL coefficient). REBEL, SPPO and RLOO take optimizer steps of
+# 4 prompts' groups, 16 responses, as PPO's --mini-batch-size 16 does; their values were chosen
+# on seed 42 (scripts/online_candidates.py, docs/comparison.md). Quick mode: the first value.
+ONLINE = [("online-dpo", "dpo", "β", "--beta", (0.1, 0.3), ()),
+          ("online-rpo", "dpo", "β", "--beta", (0.3, 1.0), ("--rpo-alpha", "1.0")),
+          ("online-rebel", "rebel", "η", "--eta", (0.3, 1.0), ("--beta", "0.05", "--batch-size", "4")),
+          ("online-sppo", "sppo", "η", "--eta", (3.0, 6.0), ("--batch-size", "4")),
+          ("online-lipo", "lipo", "β", "--beta", (0.3, 1.0), ()),
+          ("online-kto", "kto", "β", "--beta", (1.0, 3.0), ()),
+          ("rloo", "rloo", "KL coef β", "--beta", (0.05, 0.02, 0.2), ("--batch-size", "4"))]  # fmt: skip
 # the methods that are reinforcement learning (the baselines), not direct losses
 RL_METHODS = ("ppo", "rloo")
 # quick mode leaves these out to stay within two minutes (online DPO with an NLL term is online
@@ -84,13 +87,22 @@ class Budget:
     ppo_rollouts: int  # of 64 responses each
     online_rounds: int  # of 64 prompts × 4 responses each, 4 epochs over the round's pairs
     eval_prompts: int
-    eval_every: tuple[int, int, int]  # offline steps, PPO rollouts, online steps (8 a round)
+    eval_every: tuple[int, int, int]  # offline steps, PPO rollouts, online rounds
 
 
 FULL = Budget(offline_steps=None, rm_steps=None, ppo_rollouts=40, online_rounds=10,
-              eval_prompts=128, eval_every=(25, 8, 16))  # fmt: skip
+              eval_prompts=128, eval_every=(25, 8, 2))  # fmt: skip
 QUICK = Budget(offline_steps=20, rm_steps=40, ppo_rollouts=10, online_rounds=3, eval_prompts=48,
-               eval_every=(10, 5, 12))  # fmt: skip
+               eval_every=(10, 5, 2))  # fmt: skip
+ONLINE_PROMPTS, ONLINE_SAMPLES, ONLINE_EPOCHS = 64, 4, 4  # a round: 64 prompts × 4 samples, 4 epochs
+ONLINE_BATCH = 32  # the built-in preset's --batch-size (pairs, thumbs or prompts' groups)
+
+
+def online_steps_per_round(loss: str, batch_size: int) -> int:
+    """Optimizer steps of one online round (its most; ties give fewer): pair losses make one pair
+    a prompt, online KTO a thumb a sample, group losses one group a prompt."""
+    items = ONLINE_PROMPTS * (ONLINE_SAMPLES if loss == "kto" else 1)
+    return ONLINE_EPOCHS * -(-items // batch_size)
 TASKS = ("builtin", "proxy")
 PROXY_PAIRS = 200  # the proxy task's reward model and offline losses see this many pairs
 PROXY_NOISE = 0.25  # of which this share have their labels flipped
@@ -136,13 +148,17 @@ def plan(quick: bool, seed: int, task: str = "builtin") -> tuple[Stage, list[Met
                 every_ppo, *common)  # fmt: skip
         methods.append(Method(f"ppo-{kl:g}", "ppo", "KL coef", kl,
                               (reward_model, Stage("ppo", "ppo", args))))  # fmt: skip
-    for name, loss, strength, values, extra in ONLINE:
+    for name, loss, strength, flag, values, extra in ONLINE:
         if quick and name in QUICK_SKIPS:
             continue
-        for beta in values[:1] if quick else values:
-            args = ("--loss", loss, "--beta", str(beta), "--online", "--rounds",
-                    str(budget.online_rounds), "--prompts-per-round", "64", "--samples-per-prompt",
-                    "4", "--epochs", "4", *extra, "--eval-every", every_online, *common)  # fmt: skip
-            methods.append(Method(f"{name}-{beta:g}", name, strength, beta,
+        # evaluated every few rounds whatever the steps of a round, as every online method is
+        batch = int(extra[extra.index("--batch-size") + 1]) if "--batch-size" in extra else ONLINE_BATCH
+        every = int(every_online) * online_steps_per_round(loss, batch)
+        for value in values[:1] if quick else values:
+            args = ("--loss", loss, flag, str(value), "--online", "--rounds",
+                    str(budget.online_rounds), "--prompts-per-round", str(ONLINE_PROMPTS),
+                    "--samples-per-prompt", str(ONLINE_SAMPLES), "--epochs", str(ONLINE_EPOCHS),
+                    *extra, "--eval-every", str(every), *common)  # fmt: skip
+            methods.append(Method(f"{name}-{value:g}", name, strength, value,
                                   (reward_model, Stage("online", "train", args))))  # fmt: skip
     return reward_model, methods

@@ -20,12 +20,14 @@ STYLE = {"ppo": ("tab:red", "s"), "dpo": ("tab:blue", "o"), "ipo": ("tab:green",
          "online-dpo": ("tab:cyan", "P"), "online-rpo": ("tab:brown", "X"),
          "robust": ("tab:olive", "h"), "cdpo": ("tab:pink", "p"), "kto": ("tab:gray", "d"),
          "rloo": ("darkred", "*"), "online-rebel": ("navy", "H"), "online-lipo": ("teal", "<"),
+         "online-sppo": ("olive", "8"),
          "online-kto": ("gold", ">")}  # fmt: skip
 NAMES = {"ppo": "PPO (SFT → RM → PPO)", "dpo": "DPO", "ipo": "IPO", "orpo": "ORPO",
          "simpo": "SimPO", "online-dpo": "online DPO", "online-rpo": "online DPO + NLL (RPO)",
          "robust": "robust DPO (ε = noise)", "cdpo": "conservative DPO (ε = noise)",
          "kto": "KTO (hidden-reward thumbs)", "rloo": "RLOO (RM → RLOO)",
          "online-rebel": "online REBEL", "online-lipo": "online LiPO-λ",
+         "online-sppo": "online SPPO",
          "online-kto": "online KTO (judge's thumbs)"}  # fmt: skip
 REWARD_LABEL = "true reward of samples (hidden, higher is better)"
 KL_LABEL = "KL(policy ‖ reference) of samples, nats"

@@ -11,7 +11,7 @@ from direct_align.compare.plan import TASKS
 from direct_align.config import Setting, at_least
 
 METHODS = ("dpo", "ipo", "orpo", "simpo", "kto", "robust", "cdpo", "ppo", "rloo", "online-dpo",
-           "online-rpo", "online-rebel", "online-lipo", "online-kto")
+           "online-rpo", "online-rebel", "online-sppo", "online-lipo", "online-kto")
 
 
 @dataclass

@@ -22,7 +22,7 @@ def test_plan_runs_every_method_and_ppo_shares_one_reward_model() -> None:
     for quick, per_method in ((True, 1), (False, 3)):
         shared_rm, methods = plan(quick, seed=7)
         names = ("dpo", "ipo", "orpo", "simpo", "kto", "ppo", "rloo", "online-dpo",
-                 "online-rebel", "online-lipo", "online-kto")
+                 "online-rebel", "online-sppo", "online-lipo", "online-kto")
         counts = {m: sum(x.method == m for x in methods) for m in names}
         assert min(counts.values()) == (1 if quick else 2) and counts["dpo"] >= per_method
         assert len({m.name for m in methods}) == len(methods)  # run names are unique
@@ -42,11 +42,21 @@ def test_plan_runs_every_method_and_ppo_shares_one_reward_model() -> None:
             assert int(evaluate_every) > 0  # every run is evaluated along training
 
 
+def test_every_online_method_is_evaluated_every_two_rounds_whatever_its_steps() -> None:
+    """A round of 64 prompts × 4 samples, 4 epochs: online DPO's 64 pairs in steps of 32 are 8
+    steps; online KTO's 256 thumbs 32; REBEL's 64 groups in steps of 4 prompts 64."""
+    _, methods = plan(False, seed=1)
+    every = {m.method: int(m.stages[-1].args[m.stages[-1].args.index("--eval-every") + 1])
+             for m in methods if "--online" in m.stages[-1].args}  # fmt: skip
+    assert every == {"online-dpo": 16, "online-rpo": 16, "online-lipo": 16, "online-kto": 64,
+                     "online-rebel": 128, "online-sppo": 128, "rloo": 128}
+
+
 def test_the_proxy_task_gives_the_reward_model_and_offline_losses_a_noisy_subset() -> None:
     shared_rm, methods = plan(False, seed=1, task="proxy")
     noisy = ("--train-pairs", str(PROXY_PAIRS), "--label-noise", str(PROXY_NOISE))
-    learn_from_rm = ("ppo", "rloo", "online-dpo", "online-rpo", "online-rebel", "online-lipo",
-                     "online-kto")
+    learn_from_rm = ("ppo", "rloo", "online-dpo", "online-rpo", "online-rebel", "online-sppo",
+                     "online-lipo", "online-kto")
     for stage in (shared_rm, *(m.stages[-1] for m in methods if m.method not in learn_from_rm)):
         assert " ".join(noisy) in " ".join(stage.args)
     for m in methods:
@@ -126,7 +136,7 @@ def test_quick_comparison_measures_every_method_and_ppo_learns(default_run, tmp_
     table = json.loads((out / "comparison.json").read_text())
     rows = {r["method"]: r for r in table["rows"]}
     assert set(rows) == {"dpo", "ipo", "orpo", "simpo", "kto", "ppo", "rloo", "online-dpo",
-                         "online-rebel", "online-lipo", "online-kto"}
+                         "online-rebel", "online-sppo", "online-lipo", "online-kto"}
     reference = rows["ppo"]["reference_true_reward"]
     assert rows["ppo"]["true_reward"] > reference + 0.15
     for r in rows.values():
@@ -140,6 +150,7 @@ def test_quick_comparison_measures_every_method_and_ppo_learns(default_run, tmp_
     assert rows["ppo"]["models_in_memory"] == 4 and rows["dpo"]["models_in_memory"] == 1
     for name in ("online-dpo", "online-rebel", "online-lipo", "online-kto", "rloo"):
         assert rows[name]["models_in_memory"] == 3  # policy, reference, reward-model judge
+    assert rows["online-sppo"]["models_in_memory"] == 2  # no reference
     assert set(rows["ppo"]["wall_s"]) == {"reward_model", "ppo"}
     assert rows["online-dpo"]["wall_s"]["reward_model"] == rows["ppo"]["wall_s"]["reward_model"]
     assert table["reward_model"]["wall_s"] == rows["ppo"]["wall_s"]["reward_model"]
