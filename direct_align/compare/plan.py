@@ -67,9 +67,12 @@ ONLINE = [("online-dpo", "dpo", "β", "--beta", (0.1, 0.3), ()),
           ("online-rpo", "dpo", "β", "--beta", (0.3, 1.0), ("--rpo-alpha", "1.0")),
           ("online-rebel", "rebel", "η", "--eta", (0.3, 1.0), ("--beta", "0.05", "--batch-size", "4")),
           ("online-sppo", "sppo", "η", "--eta", (3.0, 6.0), ("--batch-size", "4")),
-          ("online-lipo", "lipo", "β", "--beta", (0.3, 1.0), ()),
-          ("online-kto", "kto", "β", "--beta", (1.0, 3.0), ()),
-          ("rloo", "rloo", "KL coef β", "--beta", (0.05, 0.02, 0.2), ("--batch-size", "4"))]  # fmt: skip
+          ("online-lipo", "lipo", "β", "--beta", (0.3,), ()),
+          ("online-kto", "kto", "β", "--beta", (3.0,), ()),
+          ("rloo", "rloo", "KL coef β", "--beta", (0.05, 0.2), ("--batch-size", "4"))]  # fmt: skip
+# the proxy task runs one strength of the new online methods (the run is long enough)
+PROXY_ONLINE = {"online-rebel": (1.0,), "online-sppo": (3.0,), "online-lipo": (0.3,),
+                "online-kto": (3.0,), "rloo": (0.05,)}
 # the methods that are reinforcement learning (the baselines), not direct losses
 RL_METHODS = ("ppo", "rloo")
 # quick mode leaves these out to stay within two minutes (online DPO with an NLL term is online
@@ -92,8 +95,8 @@ class Budget:
 
 FULL = Budget(offline_steps=None, rm_steps=None, ppo_rollouts=40, online_rounds=10,
               eval_prompts=128, eval_every=(25, 8, 2))  # fmt: skip
-QUICK = Budget(offline_steps=20, rm_steps=40, ppo_rollouts=10, online_rounds=3, eval_prompts=48,
-               eval_every=(10, 5, 2))  # fmt: skip
+QUICK = Budget(offline_steps=20, rm_steps=40, ppo_rollouts=10, online_rounds=2, eval_prompts=48,
+               eval_every=(10, 5, 1))  # fmt: skip
 ONLINE_PROMPTS, ONLINE_SAMPLES, ONLINE_EPOCHS = 64, 4, 4  # a round: 64 prompts × 4 samples, 4 epochs
 ONLINE_BATCH = 32  # the built-in preset's --batch-size (pairs, thumbs or prompts' groups)
 
@@ -151,9 +154,13 @@ def plan(quick: bool, seed: int, task: str = "builtin") -> tuple[Stage, list[Met
     for name, loss, strength, flag, values, extra in ONLINE:
         if quick and name in QUICK_SKIPS:
             continue
+        if quick:  # the preset's larger steps: a first look within two minutes
+            extra = _without(extra, "--batch-size")
         # evaluated every few rounds whatever the steps of a round, as every online method is
         batch = int(extra[extra.index("--batch-size") + 1]) if "--batch-size" in extra else ONLINE_BATCH
         every = int(every_online) * online_steps_per_round(loss, batch)
+        if task == "proxy":
+            values = PROXY_ONLINE.get(name, values)
         for value in values[:1] if quick else values:
             args = ("--loss", loss, flag, str(value), "--online", "--rounds",
                     str(budget.online_rounds), "--prompts-per-round", str(ONLINE_PROMPTS),
@@ -162,3 +169,11 @@ def plan(quick: bool, seed: int, task: str = "builtin") -> tuple[Stage, list[Met
             methods.append(Method(f"{name}-{value:g}", name, strength, value,
                                   (reward_model, Stage("online", "train", args))))  # fmt: skip
     return reward_model, methods
+
+
+def _without(flags: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    """``flags`` without ``flag`` and its value."""
+    if flag not in flags:
+        return flags
+    at = flags.index(flag)
+    return flags[:at] + flags[at + 2 :]
