@@ -11,6 +11,8 @@ from commands import JUDGES_PY, ONLINE, train_here
 
 from prefdata import write_jsonl
 
+pytestmark = pytest.mark.slow  # five whole training runs (about 100 s): not in the fast loop
+
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
