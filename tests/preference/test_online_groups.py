@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from commands import JUDGES_PY, ONLINE, train_here
+import torch
+from commands import JUDGES_PY, ONLINE, run_here, train_here
+from safetensors.torch import load_file
 
 from prefdata import write_jsonl
-
-pytestmark = pytest.mark.slow  # five whole training runs (about 100 s): not in the fast loop
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +53,25 @@ def test_every_sample_loss_learns_what_the_judge_rewards(loss: str, flags: list[
     else:  # each prompt's whole group, its loss's own metrics logged
         assert all(r["online/pairs"] <= 16 and "train/group/reward_std" in r for r in rounds)
         assert summary["eval_loss"] == "dpo"
+
+
+@pytest.mark.parametrize("loss", ["rebel", "lipo", "sppo", "kto"])
+def test_stopped_and_resumed_it_ends_with_the_weights_of_an_uninterrupted_run(
+        loss: str, inputs: Path, tiny_model_dir: Path, tmp_path: Path) -> None:  # fmt: skip
+    """Stopped by --max-steps-per-run at a round's end, then resumed: the same final weights as
+    one run (RLOO is also stopped by SIGTERM and SIGKILL in integration/test_resume.py, through
+    the same group path)."""
+    args = ["train", "--loss", loss, *ONLINE, "--model", str(tiny_model_dir), "--dataset",
+            str(inputs / "prompts.jsonl"), "--reward", f"{inputs / 'judges.py'}:letter_e",
+            "--rounds", "3", "--prompts-per-round", "8", "--samples-per-prompt", "3",
+            "--batch-size", "4", "--epochs", "2"]  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_here([*args, "--output-dir", str(straight)], tmp_path / "cache") == 0
+    assert run_here([*args, "--output-dir", str(stopped), "--max-steps-per-run", "2"],
+                    tmp_path / "cache") == 0  # fmt: skip
+    assert not (stopped / "final").exists() and any((stopped / "checkpoints").glob("step-*"))
+    assert run_here([*args, "--output-dir", str(stopped), "--resume"], tmp_path / "cache") == 0
+    a, b = (load_file(str(run / "final" / "model.safetensors")) for run in (straight, stopped))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
