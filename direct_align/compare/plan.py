@@ -75,7 +75,7 @@ PROXY_ONLINE = {"online-rebel": (1.0,), "online-sppo": (3.0,), "online-lipo": (0
                 "online-kto": (3.0,), "rloo": (0.05,)}
 # the methods that are reinforcement learning (the baselines), not direct losses
 RL_METHODS = ("ppo", "rloo")
-# quick mode leaves these out to stay within two minutes (online DPO with an NLL term is online
+# quick mode leaves these out to stay short (online DPO with an NLL term is online
 # DPO with one more term)
 QUICK_SKIPS = ("online-rpo",)
 
@@ -154,7 +154,7 @@ def plan(quick: bool, seed: int, task: str = "builtin") -> tuple[Stage, list[Met
     for name, loss, strength, flag, values, extra in ONLINE:
         if quick and name in QUICK_SKIPS:
             continue
-        if quick:  # the preset's larger steps: a first look within two minutes
+        if quick:  # the preset's larger steps: a short first look
             extra = _without(extra, "--batch-size")
         # evaluated every few rounds whatever the steps of a round, as every online method is
         batch = int(extra[extra.index("--batch-size") + 1]) if "--batch-size" in extra else ONLINE_BATCH

@@ -18,7 +18,7 @@ METHODS = ("dpo", "ipo", "orpo", "simpo", "kto", "robust", "cdpo", "ppo", "rloo"
 class CompareConfig(s.TrackerSettings):
     """Settings of one comparison (every run's own settings are in its command line)."""
 
-    quick: bool = Setting(bool, False, "One strength per method and short runs (two minutes; "
+    quick: bool = Setting(bool, False, "One strength per method and short runs (2.5 minutes; "
                                        "what the tests run). Stages are forked from a warm "
                                        "process and share one reference cache, so its times are "
                                        "a first look.").field()  # fmt: skip
