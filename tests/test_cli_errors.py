@@ -47,7 +47,7 @@ def test_malformed_csv_names_line(capsys, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--loss", "dpox"], "--loss must be one of dpo, ipo, hinge, robust, orpo, simpo, kto; got 'dpox' (did you mean 'dpo'?)"),
+        (["--loss", "dpox"], "--loss must be one of dpo, ipo, hinge, robust, orpo, simpo, kto, rebel, lipo, sppo, rloo; got 'dpox' (did you mean 'dpo'?)"),
         (["--format", "xml"], "--format must be one of auto, standard, conversational, implicit; got 'xml'"),
         (["--beta", "0"], "--beta must be > 0, got 0.0"),
         (["--beta", "-0.5"], "--beta must be > 0, got -0.5"),
