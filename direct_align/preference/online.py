@@ -47,10 +47,7 @@ from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import AdaptersOff
 from direct_align.preference.evaluate import Probe, held_out_evaluation
 from direct_align.preference.reference import ReferenceLogps
-from direct_align.preference.round_work import (
-    round_work,
-    sample_rows,
-)
+from direct_align.preference.round_work import round_work, sample_rows
 from direct_align.preference.settings import TrainConfig
 from direct_align.rewards import JudgeError, Rewards
 
@@ -164,9 +161,8 @@ def fit_online(
                               accelerator=accelerator, pad_token_id=pad,
                               bos_id=tokenizer.bos_token_id)  # fmt: skip
             state.pairs += len(work.data)
-            tracker.log_table("online/pairs", sample_rows(texts, responses, scores, k,
-                                                          getattr(work, "triples", []), tokenizer,
-                                                          cfg.log_generations),
+            tracker.log_table("online/pairs", sample_rows(texts, responses, scores, k, work.triples,
+                                                          tokenizer, cfg.log_generations),
                               state.step)  # fmt: skip
             # 6. optimizer steps on the round's pairs, thumbs or groups
             for epoch in range(cfg.epochs if len(work.data) else 0):

@@ -97,6 +97,11 @@ class GroupWork:
     def prompts_used(self) -> int:
         return len(self.data)
 
+    @property
+    def triples(self) -> list[Triple]:
+        """No pairs: the round's log table shows samples with their rewards."""
+        return []
+
     def micro_batches(self, round_index: int, epoch: int) -> list[list[int]]:
         return g.group_batches(self.data, self.cfg.batch_size, self.cfg.seed + round_index, epoch)
 
