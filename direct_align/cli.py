@@ -20,6 +20,7 @@ import click
 from direct_align.compare.settings import CompareConfig
 from direct_align.config import flag, resolve, setting_of
 from direct_align.errors import ConfigError, DataError, DirectAlignError, Interrupted
+from direct_align.evaluation.settings import EvaluateConfig
 from direct_align.ppo.settings import PPOConfig
 from direct_align.preference.label_settings import LabelConfig, SelectConfig
 from direct_align.preference.settings import TrainConfig
@@ -141,6 +142,23 @@ def compare(config_file: str | None, **values: Any) -> None:
     result = replot(cfg.output_dir) if cfg.plots_only else run_compare(cfg)
     click.echo("\n" + markdown_table(result))
     click.echo(f"table and plots: {cfg.output_dir}/comparison.json, " + ", ".join(result["plots"]))
+
+
+@cli.command()
+@_options(EvaluateConfig)
+def evaluate(config_file: str | None, **values: Any) -> None:
+    """Judge a trained model's samples against its reference's on held-out prompts.
+
+    Both sample one response per prompt (same seed); a judge (--reward or --reward-model)
+    scores them. Prints and writes evaluation.json: mean reward of each, the policy's win rate
+    over the reference with a 95% interval, KL(policy‖reference) in nats, response lengths and
+    length-controlled readings; generations.jsonl holds every sample. With no --prompts it uses
+    the built-in task's held-out prompts and hidden reward, as `train` reports them.
+    """
+    from direct_align.evaluation.run import print_evaluation, run_evaluate
+
+    cfg = resolve(EvaluateConfig, values, config_file)
+    print_evaluation(run_evaluate(cfg), str(cfg.output_dir))
 
 
 @cli.command()

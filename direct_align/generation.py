@@ -1,20 +1,17 @@
 """Sampling from a policy: batched ``generate``, sample-and-judge (online DPO, `label`), and the
-generation report (true reward of samples and their KL to the reference)."""
+log-probs of sampled responses (the evaluation's KL, :mod:`direct_align.evaluation.report`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
-from statistics import mean
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from transformers import PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from direct_align.data.prompts import encode_prompts
 from direct_align.engine.distributed import any_across, my_share, root_unsharded, shards, sum_across
 from direct_align.models.logprobs import IGNORE, token_logps
 from direct_align.rewards import JudgeError, Rewards
@@ -157,60 +154,3 @@ def score_responses(
         sums.append(logps.sum(-1).float().cpu())
     model.train(was_training)
     return torch.cat(sums)
-
-
-def generation_report(
-    policy: PreTrainedModel,
-    reference: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    *,
-    reward: Callable[[str], float],
-    max_new_tokens: int,
-    seed: int = 0,
-    batch_size: int = 64,
-    rows: int = 0,
-    proxy: Callable[[list[str], list[str]], torch.Tensor] | None = None,
-    reference_cache: dict[str, Any] | None = None,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """True reward of the reference's and the policy's samples on ``prompts``, and KL; and the
-    first ``rows`` prompts with both samples, their rewards and the policy sample's KL. With a
-    ``proxy`` judge ((prompts, responses) → rewards ``[N]``, e.g. a reward model), also its mean
-    score of each model's samples (``{name}/proxy_reward``). ``reference_cache``: a dict kept
-    by the caller between reports of the same reference, prompts and seed; the reference's
-    samples, identical each time, are drawn and scored once into it.
-
-    KL(policy‖reference) is the sequence-level Monte-Carlo estimate used in the DPO paper's
-    reward/KL frontier: the mean over policy samples y of log π(y|x) − log π_ref(y|x), in nats.
-    """
-    prompt_ids = encode_prompts(tokenizer, prompts)
-    common = {"max_new_tokens": max_new_tokens, "eos_token_id": tokenizer.eos_token_id,
-              "pad_token_id": tokenizer.pad_token_id, "batch_size": batch_size, "seed": seed}  # fmt: skip
-    report: dict[str, float] = {}
-    texts: dict[str, list[str]] = {}
-    rewards: dict[str, list[float]] = {}
-    for name, model in (("reference", reference), ("policy", policy)):
-        if name == "reference" and reference_cache:
-            texts[name], rewards[name] = reference_cache["texts"], reference_cache["rewards"]
-            report |= reference_cache["report"]
-            continue
-        responses = sample(model, prompt_ids, **common)
-        texts[name] = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        rewards[name] = [reward(t) for t in texts[name]]
-        report[f"{name}/true_reward"] = mean(rewards[name])
-        if proxy is not None:
-            report[f"{name}/proxy_reward"] = proxy(list(prompts), texts[name]).float().mean().item()
-        report[f"{name}/response_tokens"] = float(mean(map(len, responses)))
-        if name == "reference" and reference_cache is not None:
-            reference_cache |= {"texts": texts[name], "rewards": rewards[name],
-                                "report": dict(report)}  # fmt: skip
-    pad = tokenizer.pad_token_id
-    logp_policy = score_responses(policy, prompt_ids, responses, pad_token_id=pad)
-    logp_ref = score_responses(reference, prompt_ids, responses, pad_token_id=pad)
-    kl = logp_policy - logp_ref
-    report["policy/kl"] = kl.mean().item()
-    table = [{"prompt": prompts[i], "reference": texts["reference"][i],
-              "policy": texts["policy"][i], "reference_reward": rewards["reference"][i],
-              "policy_reward": rewards["policy"][i], "policy_kl": kl[i].item()}
-             for i in range(min(rows, len(prompts)))]  # fmt: skip
-    return report, table

@@ -107,8 +107,16 @@ TRAIN_PAIRS = Setting(int, 0, "Built-in task: learn from a random N of its pairs
 EVAL_REWARD_MODEL = Setting(str, None, "Built-in task: also score the held-out samples with "
                             "this reward model (eval/policy/proxy_reward), to see a proxy "
                             "reward over-optimised.")  # fmt: skip
-EVAL_PROMPTS = Setting(int, 128, "Built-in task: held-out prompts sampled for the reward table.",
+EVAL_PROMPTS = Setting(int, 128, "Held-out prompts sampled at each evaluation for the reward "
+                       "table: the built-in task's, or the first N of --eval-prompts-file.",
                        rule=at_least(1))  # fmt: skip
+EVAL_PROMPTS_FILE = Setting(str, None, "Own data: prompts to sample at each evaluation (a file "
+                            "with a 'prompt' column, or the prompts of a preference file in any "
+                            "format --dataset takes); their reward (--eval-judge), win rate over "
+                            "the reference and KL are logged as eval/policy/*.")  # fmt: skip
+EVAL_JUDGE = Setting(list, None, "Judge of the --eval-prompts-file samples, SPEC[=WEIGHT] as "
+                     "--reward takes (repeatable; default: the run's own judge, --reward "
+                     "online, --reward-model for ppo).")  # fmt: skip
 
 
 # --- the names a TRL user will try ----------------------------------------------------------------
@@ -257,6 +265,19 @@ def run_checks(cfg: Any) -> list[tuple[bool, str]]:
          "--wandb-log-model needs --report-to wandb"),
         *eval_reward_model_checks(cfg),
     ]  # fmt: skip
+
+
+def eval_prompts_checks(cfg: Any, default_judge: bool) -> list[tuple[bool, str]]:
+    """``--eval-prompts-file`` is for own data and needs a judge (``default_judge``: the run has
+    one of its own); ``--eval-judge`` needs it."""
+    return [(not (cfg.eval_prompts_file and cfg.dataset is None),
+             "--eval-prompts-file is for own data (--dataset); the built-in task evaluates on "
+             "its own held-out prompts and hidden reward"),
+            (not (cfg.eval_judge and not cfg.eval_prompts_file),
+             "--eval-judge scores the samples of --eval-prompts-file: give that too"),
+            (not (cfg.eval_prompts_file and not cfg.eval_judge and not default_judge),
+             "--eval-prompts-file needs a judge of the samples: --eval-judge SPEC (a reward-model "
+             "directory, module:function or path.py:function)")]  # fmt: skip
 
 
 def eval_reward_model_checks(cfg: Any) -> list[tuple[bool, str]]:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from direct_align.builtin.build import BuiltinAssets, BuiltinSpec, default_cache_dir, ensure_builtin
-from direct_align.builtin.report import HiddenRewardReport
+from direct_align.builtin.report import hidden_reward_report
 from direct_align.cli import main as cli
 from direct_align.models.loading import load_causal_lm, load_tokenizer
 
@@ -69,8 +69,8 @@ def train(out: Path, pairs: list[dict], seed: int, assets: BuiltinAssets, steps:
         "--max-steps", str(steps), "--seed", str(seed), "--output-dir", str(out))  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     policy = load_causal_lm(str(out / "final"))
-    report = HiddenRewardReport(str(assets.model_dir), load_tokenizer(str(assets.model_dir)),
-                                assets, prompts=EVAL_PROMPTS, seed=seed)  # fmt: skip
+    report = hidden_reward_report(str(assets.model_dir), load_tokenizer(str(assets.model_dir)),
+                                  assets, prompts=EVAL_PROMPTS, seed=seed)  # fmt: skip
     summary["builtin"], _ = report(policy)
     return summary
 

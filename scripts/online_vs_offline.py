@@ -28,9 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from direct_align.builtin.build import BuiltinSpec, default_cache_dir, ensure_builtin
-from direct_align.builtin.task import true_reward
-from direct_align.generation import generation_report
+from direct_align.builtin.build import BuiltinAssets, BuiltinSpec, default_cache_dir, ensure_builtin
+from direct_align.builtin.report import hidden_reward_report
 from direct_align.models.loading import load_causal_lm, load_tokenizer
 
 RECIPE = ["--learning-rate", "1e-4", "--batch-size", "32", "--max-length", "64",
@@ -47,12 +46,12 @@ def cli(args: list[str], out: Path) -> tuple[dict, float]:
     return json.loads((out / "summary.json").read_text()), time.perf_counter() - start
 
 
-def held_out_reward(final: Path, base: Path, prompts: list[str], seed: int) -> dict[str, float]:
+def held_out_reward(final: Path, assets: BuiltinAssets, prompts: int, seed: int) -> dict[str, float]:
     """What `direct-align train` reports for the built-in task, for any saved policy."""
-    policy, reference = load_causal_lm(str(final)), load_causal_lm(str(base))
-    return generation_report(policy, reference, load_tokenizer(str(base)), prompts,
-                             reward=true_reward, max_new_tokens=BuiltinSpec().max_new_tokens,
-                             seed=seed)[0]  # fmt: skip
+    base = str(assets.model_dir)
+    report = hidden_reward_report(load_causal_lm(base), load_tokenizer(base), assets,
+                                  prompts=prompts, seed=seed)  # fmt: skip
+    return report(load_causal_lm(str(final)))[0]
 
 
 def main() -> None:
@@ -74,7 +73,6 @@ def main() -> None:
 
     assets = ensure_builtin(default_cache_dir(), BuiltinSpec())
     all_pairs = assets.train_file(0.0).read_text().splitlines()
-    prompts = assets.held_out_prompts(128)
     runs = {f"offline, {e} epochs": ["--epochs", str(e)] for e in opts.offline_epochs}
     for e in opts.online_epochs:
         runs[f"online, {rounds} rounds × {per_round} prompts × k={k}, {e} epochs a round"] = [
@@ -94,8 +92,7 @@ def main() -> None:
                              "--eval-dataset", str(assets.eval_file)]  # fmt: skip
                 summary, wall = cli(args, out)
                 calls = summary.get("judge_calls", 2 * summary["train_pairs"])
-                report = summary.get("builtin") or held_out_reward(out / "final", assets.model_dir,
-                                                                   prompts, seed)  # fmt: skip
+                report = summary.get("builtin") or held_out_reward(out / "final", assets, 128, seed)  # fmt: skip
                 row = {"seed": seed, "judge_calls": calls, "steps": summary["steps"],
                        "reward": report["policy/true_reward"], "kl": report["policy/kl"],
                        "reference": report["reference/true_reward"], "wall_s": round(wall, 1)}  # fmt: skip

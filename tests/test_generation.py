@@ -1,4 +1,4 @@
-"""Sampling, response scoring and the generation report."""
+"""Sampling and response scoring."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from conftest import make_tiny_model
 from direct_align.builtin.task import sample_prompts
 from direct_align.data.prompts import encode_prompts
-from direct_align.generation import generation_report, sample, score_responses
+from direct_align.generation import sample, score_responses
 from fastpath import manual_logp
 
 CPU = torch.device("cpu")
@@ -123,89 +123,3 @@ def test_score_responses_matches_manual_computation(
     model.eval()
     for k in range(4):
         assert sums[k].item() == pytest.approx(manual_logp(model, prompts[k], responses[k]), **TOL)
-
-
-# ----------------------------------------------------------------------------- generation_report
-
-
-def test_generation_report_of_a_model_against_itself(
-    tiny_tokenizer: PreTrainedTokenizerFast,
-) -> None:
-    model = eos_prone_model(tiny_tokenizer, seed=4)
-    prompts = sample_prompts(6, seed=5)
-    report, rows = generation_report(model, model, tiny_tokenizer, prompts,
-                                     reward=lambda text: float(len(text)), max_new_tokens=8,
-                                     seed=11, batch_size=4, rows=3)  # fmt: skip
-    assert [r["prompt"] for r in rows] == list(prompts[:3])
-    assert all(r["policy"] == r["reference"] and r["policy_kl"] == 0.0 for r in rows)
-    assert all(r["policy_reward"] == float(len(r["policy"])) for r in rows)
-    assert set(report) == {
-        "reference/true_reward",
-        "reference/response_tokens",
-        "policy/true_reward",
-        "policy/response_tokens",
-        "policy/kl",
-    }
-    for value in report.values():
-        assert isinstance(value, float | int) and not isinstance(value, bool)
-        assert math.isfinite(value)
-    assert isinstance(report["policy/kl"], float)
-    assert isinstance(report["policy/true_reward"], float)
-    assert report["policy/kl"] == pytest.approx(0.0, abs=1e-6)
-    assert report["policy/true_reward"] == report["reference/true_reward"]
-    assert report["policy/response_tokens"] == report["reference/response_tokens"]
-    assert 0 < report["policy/response_tokens"] <= 8
-    # The reward is the mean decoded length of the samples (special tokens skipped).
-    responses = sample(model, encode_prompts(tiny_tokenizer, prompts), max_new_tokens=8,
-                       eos_token_id=tiny_tokenizer.eos_token_id,
-                       pad_token_id=tiny_tokenizer.pad_token_id, seed=11, batch_size=4)  # fmt: skip
-    texts = [tiny_tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-    assert report["policy/true_reward"] == pytest.approx(sum(map(len, texts)) / len(texts))
-    assert report["policy/response_tokens"] == pytest.approx(
-        sum(map(len, responses)) / len(responses)
-    )
-
-
-def test_generation_report_scores_both_models_samples_with_a_proxy_judge(
-    tiny_tokenizer: PreTrainedTokenizerFast,
-) -> None:
-    policy, reference = eos_prone_model(tiny_tokenizer, seed=6), eos_prone_model(tiny_tokenizer, seed=7)
-    prompts = sample_prompts(5, seed=8)
-    seen: list[tuple[list[str], list[str]]] = []
-
-    def proxy(batch_prompts: list[str], responses: list[str]) -> torch.Tensor:
-        seen.append((batch_prompts, responses))
-        return torch.tensor([float(r.count("a")) for r in responses])
-
-    report, _ = generation_report(policy, reference, tiny_tokenizer, prompts, reward=len,
-                                  max_new_tokens=8, seed=3, proxy=proxy)  # fmt: skip
-    assert [s[0] for s in seen] == [list(prompts)] * 2  # the reference's samples, then the policy's
-    for (_, texts), name in zip(seen, ("reference", "policy"), strict=True):
-        assert report[f"{name}/proxy_reward"] == pytest.approx(sum(t.count("a") for t in texts) / 5)
-        assert report[f"{name}/true_reward"] == pytest.approx(sum(map(len, texts)) / 5)
-
-
-def test_generation_report_kl_is_measured_on_policy_samples(
-    tiny_tokenizer: PreTrainedTokenizerFast,
-) -> None:
-    policy = eos_prone_model(tiny_tokenizer, seed=6)
-    reference = eos_prone_model(tiny_tokenizer, seed=7)
-    prompts = sample_prompts(5, seed=8)
-    report, _ = generation_report(policy, reference, tiny_tokenizer, prompts,
-                                  reward=lambda text: text.count("e") / (1 + len(text)),
-                                  max_new_tokens=6, seed=2)  # fmt: skip
-    ids = encode_prompts(tiny_tokenizer, prompts)
-    common = dict(max_new_tokens=6, eos_token_id=tiny_tokenizer.eos_token_id,
-                  pad_token_id=tiny_tokenizer.pad_token_id, seed=2)  # fmt: skip
-    policy_samples = sample(policy, ids, **common)
-    reference_samples = sample(reference, ids, **common)
-    assert policy_samples != reference_samples
-    kl = sum(manual_logp(policy, p, r) - manual_logp(reference, p, r)
-             for p, r in zip(ids, policy_samples)) / len(ids)  # fmt: skip
-    assert report["policy/kl"] == pytest.approx(kl, rel=1e-5, abs=1e-5)
-    assert report["reference/response_tokens"] == pytest.approx(
-        sum(map(len, reference_samples)) / len(ids)
-    )
-    assert report["policy/response_tokens"] == pytest.approx(
-        sum(map(len, policy_samples)) / len(ids)
-    )

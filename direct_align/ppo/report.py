@@ -7,20 +7,16 @@ from typing import Any
 import click
 
 from direct_align.engine.tracking import table
+from direct_align.evaluation.report import report_rows, reward_key
 
 
 def print_ppo_summary(summary: dict[str, Any], output_dir: str) -> None:
-    """For the built-in task, the hidden reward and KL of the initial and trained policy's
-    samples on held-out prompts; then what the run cost."""
+    """The reward, win rate and KL of the initial and trained policy's samples on held-out
+    prompts (built-in task, --eval-prompts-file); then what the run cost."""
     lines = []
-    if "builtin" in summary:
-        b = summary["builtin"]
-        rows = [("true reward of samples (hidden, ↑)", b["reference/true_reward"],
-                 b["policy/true_reward"]),
-                ("KL(policy‖reference) of samples, nats", 0.0, b["policy/kl"]),
-                ("response tokens per sample", b["reference/response_tokens"],
-                 b["policy/response_tokens"])]  # fmt: skip
-        lines.append(table(["", "reference", "policy"], rows))
+    samples = summary.get("builtin") or summary.get("evaluation")
+    if samples:
+        lines.append(table(["", "reference", "policy"], report_rows(samples, reward_key(samples))))
     stages = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s"
                        for k, v in summary["stages"].items())  # fmt: skip
     lines.append(f"{summary['rollouts']} rollouts, {summary['responses']} responses "

@@ -17,7 +17,6 @@ from typing import Any
 from accelerate.utils import set_seed
 
 from direct_align.builtin.inputs import resolve_inputs
-from direct_align.builtin.report import HiddenRewardReport
 from direct_align.config import resolve
 from direct_align.data.prompts import load_prompts
 from direct_align.engine.distributed import reads_weights, shard_frozen
@@ -25,6 +24,8 @@ from direct_align.engine.outputs import RunDir
 from direct_align.engine.session import Session
 from direct_align.engine.tracking import read_metrics
 from direct_align.errors import ConfigError
+from direct_align.evaluation.heldout import run_report
+from direct_align.evaluation.report import SampleReport, reward_key
 from direct_align.models.loading import (
     describe_model,
     disable_dropout,
@@ -128,22 +129,22 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
         log.info("ppo: %d models in memory (policy, %sreference, reward model)", models_in_memory,
                  "critic, " if critic is not None else "")  # fmt: skip
 
-        # the built-in task's hidden reward, in the main process: along training, or under FSDP
-        # (no process holds the policy whole) of final/ alone
+        # the report of the policy's samples (the built-in task's hidden reward, or own data's
+        # --eval-prompts-file), in the main process: along training, or under FSDP (no process
+        # holds the policy whole) of final/ alone
         evaluate: Evaluator | None = None
-        hidden: HiddenRewardReport | None = None
-        if session.main and inputs.assets is not None and cfg.dataset is None:
-            hidden = HiddenRewardReport(inputs.model_path if session.sharded else reference_lm,
-                                        tokenizer, inputs.assets, prompts=cfg.eval_prompts,
-                                        seed=cfg.seed, rows=cfg.log_generations,
-                                        proxy=cfg.eval_reward_model)  # fmt: skip
+        hidden: SampleReport | None = None
+        if session.main:
+            hidden = run_report(cfg, inputs, tokenizer,
+                                inputs.model_path if session.sharded else reference_lm,
+                                device=accelerator.device, judge=[rm_path])  # fmt: skip
 
         if hidden is not None and not session.sharded:
 
-            def evaluate(rollout: int) -> dict[str, float]:  # the built-in task's hidden reward
+            def evaluate(rollout: int) -> dict[str, float]:  # the policy's samples, judged
                 report, rows = hidden(actor_critic.policy)
-                log.info("rollout %d: true reward %.3f, KL %.2f", rollout,
-                         report["policy/true_reward"], report["policy/kl"])  # fmt: skip
+                log.info("rollout %d: %s %.3f, KL %.2f", rollout, reward_key(report).replace("_", " "),
+                         report[f"policy/{reward_key(report)}"], report["policy/kl"])  # fmt: skip
                 session.tracker.log_table("eval/generations", rows, rollout)
                 return {f"eval/{k}": v for k, v in report.items()}
 
@@ -173,13 +174,14 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
                 report, rows = hidden(session.load_final())
                 session.tracker.log_table("eval/generations", rows, state.step)
                 session.tracker.log({f"eval/{k}": v for k, v in report.items()}, state.step)
-            evals = [r for r in read_metrics(session.run.path) if "eval/policy/true_reward" in r]
-            summary["builtin"] = {k[len("eval/"):]: v for k, v in evals[-1].items() if k != "step"}
+            key = hidden.key
+            evals = [r for r in read_metrics(session.run.path) if f"eval/policy/{key}" in r]
+            summary[hidden.name] = {k[len("eval/"):]: v for k, v in evals[-1].items() if k != "step"}
             # the initial policy is the reference, sampled with the same seed: the same samples
-            summary["builtin"]["initial/true_reward"] = (
-                evals[0]["eval/policy/true_reward"] if evaluate is not None
-                else summary["builtin"]["reference/true_reward"])  # fmt: skip
-            summary["builtin_eval_s"] = round(hidden.seconds, 1)
+            summary[hidden.name][f"initial/{key}"] = (
+                evals[0][f"eval/policy/{key}"] if evaluate is not None
+                else summary[hidden.name][f"reference/{key}"])  # fmt: skip
+            summary[hidden.seconds_key] = round(hidden.seconds, 1)
         return session.finish(summary, {**{k: v for k, v in summary.items()
                                            if isinstance(v, int | float)},
-                                        **summary.get("builtin", {})})  # fmt: skip
+                                        **summary.get(hidden.name if hidden else "", {})})  # fmt: skip

@@ -81,9 +81,9 @@ class PPOConfig(s.OptimSettings, s.RunSettings):
     seed: int = s.SEED.field(help="Seed of prompt order, value head and sampling.")
     # --- run ---------------------------------------------------------------------------------
     output_dir: str | None = s.OUTPUT_DIR.field(help="Run directory (default: runs/ppo-TIMESTAMP).")
-    eval_every: int = s.EVAL_EVERY.field(default=25, help="Built-in task: sample held-out prompts "
-                                                          "every N rollouts (0: only at start and "
-                                                          "end).")  # fmt: skip
+    eval_every: int = s.EVAL_EVERY.field(default=25, help="Sample the held-out prompts (built-in "
+                                                          "task, --eval-prompts-file) every N "
+                                                          "rollouts (0: only at start and end).")  # fmt: skip
     save_every: int = s.SAVE_EVERY.field(default=25, help="Checkpoint every N rollouts (0: only "
                                                           "when stopped early).")  # fmt: skip
     log_every: int = s.LOG_EVERY.field(help="Log metrics every N rollouts.")
@@ -100,6 +100,8 @@ class PPOConfig(s.OptimSettings, s.RunSettings):
                                                 "from a random N of the pairs (0: all).")  # fmt: skip
     eval_prompts: int = s.EVAL_PROMPTS.field()
     eval_reward_model: str | None = s.EVAL_REWARD_MODEL.field()
+    eval_prompts_file: str | None = s.EVAL_PROMPTS_FILE.field()
+    eval_judge: list[str] = s.EVAL_JUDGE.field()
 
     # The built-in task's recipe (~2M-parameter policy); under YAML and flags.
     foreign_names: ClassVar[dict[str, str]] = s.TRL_NAMES
@@ -117,6 +119,7 @@ class PPOConfig(s.OptimSettings, s.RunSettings):
              "--reward-model is required with --model or --dataset (train one with "
              "`direct-align train-rm`)"),
             *s.run_checks(self),
+            *s.eval_prompts_checks(self, default_judge=True),
         ]  # fmt: skip
 
 

@@ -88,21 +88,22 @@ def held_out_evaluation(loop: Any, model: Any, evals: PairDataset | None,
                         probe: Probe | None) -> Callable[[], dict[str, float]]:  # fmt: skip
     """The evaluation a preference loop (offline or online) runs at its cadence and at the end:
     the held-out metrics, checked finite; at the final one a stop signal leaves a checkpoint
-    first; otherwise the ``probe`` (main process, after the first step) adds the built-in
-    task's samples. Logged at the loop's step and returned ({} without held-out pairs)."""
+    first; otherwise the ``probe`` (main process, after the first step) adds the report of the
+    policy's samples (with or without held-out pairs). Logged at the loop's step and returned."""
 
     def evaluate() -> dict[str, float]:
-        if evals is None:
-            return {}
         step = loop.state.step
-        metrics = eval_metrics(model, evals, ref, cfg=cfg, accelerator=session.accelerator,
-                               pad_token_id=pad_token_id)  # fmt: skip
-        loop.check_eval(metrics["eval/loss"])
-        if loop.finished:  # the final evaluation: a stop signal now leaves a checkpoint first
-            loop.stop_if_requested(f"at step {step}, during the final evaluation")
-        elif probe is not None and step > 0 and session.main:
+        metrics: dict[str, float] = {}
+        if evals is not None:
+            metrics = eval_metrics(model, evals, ref, cfg=cfg, accelerator=session.accelerator,
+                                   pad_token_id=pad_token_id)  # fmt: skip
+            loop.check_eval(metrics["eval/loss"])
+            if loop.finished:  # the final evaluation: a stop signal now leaves a checkpoint first
+                loop.stop_if_requested(f"at step {step}, during the final evaluation")
+        if probe is not None and not loop.finished and step > 0 and session.main:
             metrics |= probe(session.accelerator.unwrap_model(model).model, step)
-        session.tracker.log(metrics, step)
+        if metrics:
+            session.tracker.log(metrics, step)
         return metrics
 
     return evaluate

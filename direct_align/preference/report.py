@@ -7,20 +7,18 @@ from typing import Any
 import click
 
 from direct_align.engine.tracking import table
+from direct_align.evaluation.report import report_rows, reward_key
 from direct_align.losses import LOSSES
 
 
 def print_summary(summary: dict[str, Any], output_dir: str) -> None:
-    """Initial-versus-trained metrics; for the built-in task, true reward and KL of samples."""
+    """Initial-versus-trained metrics; the reward, win rate and KL of samples (built-in task,
+    --eval-prompts-file)."""
     initial, final = summary.get("initial", {}), summary.get("final", {})
     rows: list[tuple[str, Any, Any]] = []
-    if "builtin" in summary:
-        b = summary["builtin"]
-        rows += [
-            ("true reward of samples (hidden, ↑)", b["reference/true_reward"], b["policy/true_reward"]),
-            ("KL(policy‖reference) of samples, nats", 0.0, b["policy/kl"]),
-            ("response tokens per sample", b["reference/response_tokens"], b["policy/response_tokens"]),
-        ]  # fmt: skip
+    samples = summary.get("builtin") or summary.get("evaluation")
+    if samples:
+        rows += report_rows(samples, reward_key(samples))
     loss = summary.get("eval_loss", summary["loss"])  # online KTO and group losses: dpo
     unpaired = LOSSES[loss].unpaired  # labelled examples, not pairs
     accuracy, last = (("held-out label accuracy", ("held-out KL estimate z0", "eval/kl"))

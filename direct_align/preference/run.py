@@ -18,13 +18,14 @@ from typing import Any
 from accelerate.utils import set_seed
 
 from direct_align.builtin.inputs import Inputs, resolve_inputs
-from direct_align.builtin.report import HiddenRewardReport
 from direct_align.data import PairDataset, prepare_pairs, split_holdout
 from direct_align.data.prompts import load_prompts
 from direct_align.engine.distributed import from_main, reads_weights, shard_frozen
 from direct_align.engine.session import Session, free_memory
 from direct_align.engine.tracking import first_eval
 from direct_align.errors import ConfigError, DataError
+from direct_align.evaluation.heldout import prompt_keep, run_report
+from direct_align.evaluation.report import SampleReport
 from direct_align.losses import LOSSES
 from direct_align.models.loading import (
     describe_model,
@@ -124,37 +125,36 @@ def _scorer(cfg: TrainConfig, inputs: Inputs, tokenizer: Any, session: Session,
                    check_stop=lambda: session.check_stop("during the reference pass"))  # fmt: skip
 
 
-def _hidden_report(cfg: TrainConfig, inputs: Inputs, tokenizer: Any) -> HiddenRewardReport | None:
-    """The built-in task's report of a policy (None on own data: no hidden reward)."""
-    if cfg.dataset is not None:
-        return None
-    return HiddenRewardReport(inputs.model_path, tokenizer, inputs.assets, prompts=cfg.eval_prompts,
-                              seed=cfg.seed, rows=cfg.log_generations,
-                              proxy=cfg.eval_reward_model)  # fmt: skip
+def _sample_report(cfg: TrainConfig, inputs: Inputs, tokenizer: Any, session: Session,
+                   judge: Any = None) -> SampleReport | None:  # fmt: skip
+    """The report of the policy's samples at each evaluation: the built-in task's hidden reward,
+    or on own data the --eval-prompts-file report (None without one)."""
+    return run_report(cfg, inputs, tokenizer, cfg.ref_model or inputs.model_path,
+                      device=session.accelerator.device, judge=judge)  # fmt: skip
 
 
-def _conclude(session: Session, prepared: Any, tokenizer: Any, hidden: HiddenRewardReport | None,
+def _conclude(session: Session, prepared: Any, tokenizer: Any, hidden: SampleReport | None,
               cfg: TrainConfig, summary: dict[str, Any], tracked: dict[str, float],
               ) -> dict[str, Any] | None:  # fmt: skip
-    """Write final/ (every process takes part under FSDP), then in the main process the
-    built-in task's report of the trained policy and the summary; returns the summary there."""
+    """Write final/ (every process takes part under FSDP), then in the main process the report
+    of the trained policy's samples and the summary; returns the summary there."""
     model = session.save_final(prepared, tokenizer, how=cfg.lora_save)
     if not session.main:
         return None
-    if hidden is not None:  # the hidden reward and KL of the policy's samples
+    if hidden is not None:  # the reward, win rate and KL of the policy's samples
         model = model if model is not None else session.load_final()  # sharded: read it back
         report, rows = hidden(model)
-        summary["builtin"] = report
-        summary["builtin_eval_s"] = round(hidden.seconds, 1)  # along training and at the end
+        summary[hidden.name] = report  # "builtin", or "evaluation" on own data
+        summary[hidden.seconds_key] = round(hidden.seconds, 1)  # along training and at the end
         session.tracker.log({f"eval/{k}": v for k, v in report.items()}, summary["steps"])
         session.tracker.log_table("eval/generations", rows, summary["steps"])
-    return session.finish(summary, {**tracked, **summary.get("builtin", {})})
+    return session.finish(summary, {**tracked, **(summary.get(hidden.name, {}) if hidden else {})})
 
 
-def _probe(session: Session, hidden: HiddenRewardReport | None) -> Probe | None:
-    """On the built-in task, what an evaluation during training adds: the hidden reward and KL
-    of the policy's samples, and a table of them. None where it cannot be computed: own data
-    (no hidden reward), or a policy sharded by FSDP."""
+def _probe(session: Session, hidden: SampleReport | None) -> Probe | None:
+    """What an evaluation during training adds: the reward, win rate and KL of the policy's
+    samples (built-in task, --eval-prompts-file), and a table of them. None where it cannot be
+    computed: no such report, or a policy sharded by FSDP."""
     if hidden is None or session.sharded:
         return None
 
@@ -224,7 +224,7 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
             free_memory()
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
-    hidden = _hidden_report(cfg, inputs, tokenizer)
+    hidden = _sample_report(cfg, inputs, tokenizer, session)
     session.open(inputs={
         "model": describe_model(policy, inputs.model_path),
         "data": {"source": inputs.source, "eval_source": _eval_source(cfg, inputs),
@@ -252,9 +252,8 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
     # 1. inputs: prompts (a dataset's prompt column, or the built-in task's), judges, eval pairs
     inputs = resolve_inputs(cfg)
     tokenizer = load_tokenizer(inputs.model_path)
-    keep = max(1, min(cfg.max_prompt_length or cfg.max_length // 2, cfg.max_length - 1))
     prompts = load_prompts(inputs.source, tokenizer, split=cfg.split if cfg.dataset else None,
-                           keep=keep)  # fmt: skip
+                           keep=prompt_keep(cfg), fmt=cfg.format)  # fmt: skip
     log.info("prompts: %d from %s", len(prompts), inputs.source)
     _start(cfg, session)
     accelerator = session.accelerator
@@ -293,7 +292,7 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
             ref_eval = score(reference, fingerprint=ref_fp)[0]["eval"]
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
-    hidden = _hidden_report(cfg, inputs, tokenizer)
+    hidden = _sample_report(cfg, inputs, tokenizer, session, judge=rewards)
     session.open(inputs={
         "model": describe_model(policy, inputs.model_path),
         "data": {"source": inputs.source, "prompt_rows": len(prompts),

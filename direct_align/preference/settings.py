@@ -145,6 +145,8 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
     train_pairs: int = s.TRAIN_PAIRS.field()
     eval_reward_model: str | None = s.EVAL_REWARD_MODEL.field()
     eval_prompts: int = s.EVAL_PROMPTS.field()
+    eval_prompts_file: str | None = s.EVAL_PROMPTS_FILE.field()
+    eval_judge: list[str] = s.EVAL_JUDGE.field()
     thumbs_threshold: float = Setting(float, 0.5, "Built-in task with an unpaired loss (kto): a "
                                                   "sample is desirable when its hidden reward is "
                                                   "above this.", rule=within(0, 1)).field()  # fmt: skip
@@ -178,6 +180,7 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
              f"--attn {self.attn} needs a packed layout (--layout shared or packed)"),
             *s.run_checks(self),
             *online_checks(self),
+            *s.eval_prompts_checks(self, default_judge=self.online),
             (not (self.rpo_alpha and not pairwise(self)),
              f"--rpo-alpha adds the chosen response's NLL to a pair's loss; {self.loss} has no pairs"),
             (self.eta is None or "eta" in loss_spec(self.loss).options,

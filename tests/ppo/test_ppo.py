@@ -131,7 +131,7 @@ def test_load_prompts_text_and_chat_and_errors(tmp_path, tiny_tokenizer):
                                         r"unknown role 'human'"):  # fmt: skip
         load_prompts(str(tmp_path / "role.jsonl"), tiny_tokenizer)
     write_jsonl(tmp_path / "none.jsonl", [{"text": "a"}])
-    with pytest.raises(DataError, match="no 'prompt' column"):
+    with pytest.raises(DataError, match="no prompts: expected a 'prompt' column"):
         load_prompts(str(tmp_path / "none.jsonl"), tiny_tokenizer)
 
 

@@ -1,0 +1,1 @@
+"""Judging a policy by its samples: reward, win rate over the reference, KL and length."""
