@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from commands import fail, run_here
 from transformers import PreTrainedTokenizerFast
 
-from commands import fail, run_here
 from conftest import make_tiny_model
 from direct_align.cli import main
 from direct_align.evaluation.run import base_of
