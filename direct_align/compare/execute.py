@@ -46,7 +46,7 @@ def run_cache(root: Path, name: str, builtin_dir: Path) -> Path:
     """A cache directory for one run: the shared built-in task, no reference log-probs."""
     cache = root / name
     (cache / "builtin").mkdir(parents=True, exist_ok=True)
-    for task in builtin_dir.iterdir():
+    for task in builtin_dir.iterdir() if builtin_dir.is_dir() else ():  # own data: none
         link = cache / "builtin" / task.name
         if not link.exists():
             link.symlink_to(task.resolve(), target_is_directory=True)

@@ -112,9 +112,12 @@ PROXY_NOISE = 0.25  # of which this share have their labels flipped
 PROXY_EPOCHS = 8  # over so few pairs, the reward model and offline losses train for longer
 
 
-def plan(quick: bool, seed: int, task: str = "builtin") -> tuple[Stage, list[Method]]:
+def plan(quick: bool, seed: int, task: str = "builtin",
+         own: tuple[str, ...] = ()) -> tuple[Stage, list[Method]]:  # fmt: skip
     """(the shared reward-model stage, every method's run) for a full or quick comparison of
-    one seed on ``task``."""
+    one seed on ``task``; ``own``: on own data, the flags naming its model, training pairs and
+    held-out prompts (``--model M --dataset TRAIN --eval-prompts-file EVAL``), given to every
+    stage (the reward model takes the first two). KTO on thumbs is the built-in task's only."""
     budget = QUICK if quick else FULL
     every_offline, every_ppo, every_online = (str(n) for n in budget.eval_every)
     data: tuple[str, ...] = ()
@@ -123,14 +126,14 @@ def plan(quick: bool, seed: int, task: str = "builtin") -> tuple[Stage, list[Met
         every_offline = str(budget.eval_every[0] // 2)
         if budget.offline_steps is None:
             data += ("--epochs", str(PROXY_EPOCHS))
-    common = ("--seed", str(seed), "--eval-prompts", str(budget.eval_prompts))
-    rm_args = ("--seed", str(seed), *data)
+    common = ("--seed", str(seed), "--eval-prompts", str(budget.eval_prompts), *own)
+    rm_args = ("--seed", str(seed), *data, *own[:4])
     if budget.rm_steps is not None:
         rm_args += ("--max-steps", str(budget.rm_steps))
     reward_model = Stage("reward_model", "train-rm", rm_args)
     methods: list[Method] = []
     offline = [(loss, loss, strength, flag, values, ()) for loss, strength, flag, values in OFFLINE]
-    if task == "builtin":
+    if task == "builtin" and not own:
         offline += [(loss, loss, strength, flag, values, ()) for loss, strength, flag, values in THUMBS]
     if task == "proxy":
         offline = [(name, loss, strength, flag, PROXY_OFFLINE[name], extra)

@@ -80,7 +80,7 @@ def _reference(ax: plt.Axes, rows: list[dict[str, Any]], key: str = "reference_t
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the data
 
 
-def _frontier(ax: plt.Axes, rows: list[dict[str, Any]]) -> None:
+def _frontier(ax: plt.Axes, rows: list[dict[str, Any]], label: str = REWARD_LABEL) -> None:
     """Each run's evaluations along training (faint), its final point, and each method's upper
     frontier over all its points, averaged over seeds on a grid of KL (thick)."""
     for method, group in _by_method(rows).items():
@@ -98,7 +98,7 @@ def _frontier(ax: plt.Axes, rows: list[dict[str, Any]]) -> None:
                    for k in grid] for s in seeds]  # fmt: skip
         mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(grid))]
         ax.plot(grid, mean, color=color, linewidth=2.2, label=f"{NAMES.get(method, method)} frontier")
-    ax.set_ylabel(REWARD_LABEL)
+    ax.set_ylabel(label)
     _reference(ax, rows)
     far = sorted(p[0] for r in rows for p in run_points(r))
     limit = max(far[int(0.9 * (len(far) - 1))] * 1.1, 1.0)  # the tail of a few wild runs cut
@@ -116,19 +116,21 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     rows = [{"cost_wall_s": r["total_wall_s"]} | r for r in result["rows"]]
     seeds = len({r.get("seed", 0) for r in rows})
     suffix = f" ({seeds} seeds)" if seeds > 1 else ""
+    label = result.get("reward_label", REWARD_LABEL)  # own data: the gold judge's reward
     paths = []
     fig, ax = plt.subplots(figsize=(10, 5.5))
-    _frontier(ax, rows)
+    _frontier(ax, rows, label)
     ax.set_xlabel(KL_LABEL)
     ax.set_title("Reward/KL frontier, evaluated along training (up and left is better)" + suffix)
     paths.append(_save(fig, out / "frontier.png"))
 
     fig, ax = plt.subplots(figsize=(9, 5))
     _scatter(ax, rows, "cost_wall_s", lines=False)
-    ax.set_ylabel(REWARD_LABEL)
+    ax.set_ylabel(label)
     ax.set_xlim(0, 1.2 * max(r["cost_wall_s"] for r in rows))  # room for the labels
     ax.set_xlabel("wall time of the whole pipeline after SFT (held-out evaluations excluded), seconds")
-    ax.set_title("True reward against training time (up and left is better)" + suffix)
+    ax.set_title(f"{label.split(' of ')[0].capitalize()} against training time (up and left is "
+                 "better)" + suffix)
     paths.append(_save(fig, out / "reward_vs_time.png"))
 
     if all("proxy_reward" in r for r in rows):

@@ -93,4 +93,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     reference = _pm(mean_std(list(by_seed.values())), 3) if several else f"{next(iter(by_seed.values()), float('nan')):.3f}"
     lines.append(f"\nreference (SFT model) true reward: {reference}; "
                  f"comparison took {result['runtime_s']:.0f} s")  # fmt: skip
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    if result.get("task") == "own":  # no hidden reward: every run is judged by the gold judge
+        text = text.replace("true reward", "gold reward").replace("(SFT model)", "(--model)")
+        text += f"\ngold judge: {result['judge']['description']}"
+    return text

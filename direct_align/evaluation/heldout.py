@@ -15,10 +15,14 @@ from direct_align.models.loading import load_causal_lm
 from direct_align.rewards import Rewards, load_rewards
 
 
-def prompt_keep(cfg: Any) -> int:
+def prompt_keep(cfg: Any) -> int | None:
     """How many prompt tokens a sampled prompt keeps (its last ones): --max-prompt-length, else
-    half of --max-length, leaving room for the response."""
-    return max(1, min(cfg.max_prompt_length or cfg.max_length // 2, cfg.max_length - 1))
+    half of --max-length, leaving room for the response (None: all, where there is no
+    --max-length, as in ppo)."""
+    max_length = getattr(cfg, "max_length", None)
+    if max_length is None:
+        return cfg.max_prompt_length
+    return max(1, min(cfg.max_prompt_length or max_length // 2, max_length - 1))
 
 
 def run_report(cfg: Any, inputs: Inputs, tokenizer: Any, reference: Any, *, device: Any,
@@ -41,7 +45,7 @@ def run_report(cfg: Any, inputs: Inputs, tokenizer: Any, reference: Any, *, devi
     if cfg.eval_judge:
         judge = cfg.eval_judge
     if not isinstance(judge, Rewards):
-        judge = load_rewards(judge or [], max_length=cfg.max_length, device=device)
+        judge = load_rewards(judge or [], max_length=getattr(cfg, "max_length", None), device=device)
     if isinstance(reference, str):
         path = reference
         reference = lambda: load_causal_lm(path)  # noqa: E731

@@ -90,6 +90,13 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
         if builtin_rm and not rm_done:
             rm_cfg = builtin_rm_config(cfg, rm_dir, accelerator.num_processes)
 
+        # the report of the policy's samples (checked now: its prompts and judges are inputs)
+        hidden: SampleReport | None = None
+        if session.main:
+            hidden = run_report(cfg, inputs, tokenizer, inputs.model_path,
+                                device=accelerator.device,
+                                judge=[cfg.reward_model] if cfg.reward_model else None)  # fmt: skip
+
         # 2. outputs: only now is the output directory created or (with --overwrite) emptied
         session.open(inputs={
             "model": describe_model(policy, inputs.model_path),
@@ -133,11 +140,8 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
         # --eval-prompts-file), in the main process: along training, or under FSDP (no process
         # holds the policy whole) of final/ alone
         evaluate: Evaluator | None = None
-        hidden: SampleReport | None = None
-        if session.main:
-            hidden = run_report(cfg, inputs, tokenizer,
-                                inputs.model_path if session.sharded else reference_lm,
-                                device=accelerator.device, judge=[rm_path])  # fmt: skip
+        if hidden is not None and not session.sharded:
+            hidden.reference = reference_lm  # in memory already: not loaded a second time
 
         if hidden is not None and not session.sharded:
 

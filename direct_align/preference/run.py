@@ -199,6 +199,7 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
 
     # 2. models; the reference scores every pair once, then only the policy stays in memory
     _start(cfg, session)
+    hidden = _sample_report(cfg, inputs, tokenizer, session)
     accelerator = session.accelerator
     set_seed(cfg.seed)
     policy = load_policy(inputs.model_path, cfg, bf16=uses_bf16(cfg), device=accelerator.device,
@@ -224,7 +225,6 @@ def _run_offline(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
             free_memory()
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
-    hidden = _sample_report(cfg, inputs, tokenizer, session)
     session.open(inputs={
         "model": describe_model(policy, inputs.model_path),
         "data": {"source": inputs.source, "eval_source": _eval_source(cfg, inputs),
@@ -265,6 +265,7 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
                            device=accelerator.device)  # fmt: skip
     log.info("judge: %s", " + ".join(f"{j.weight:g}·{j.name}" for j in rewards.judges))
     evals = _eval_pairs(cfg, inputs, tokenizer)
+    hidden = _sample_report(cfg, inputs, tokenizer, session, judge=rewards)
 
     # 2. models: the policy, and the reference for the fresh samples: the policy with its LoRA
     #    adapters off, or a second model held in memory
@@ -292,7 +293,6 @@ def _run_online(cfg: TrainConfig, session: Session) -> dict[str, Any] | None:
             ref_eval = score(reference, fingerprint=ref_fp)[0]["eval"]
 
     # 3. outputs: only now is the output directory created or (with --overwrite) emptied
-    hidden = _sample_report(cfg, inputs, tokenizer, session, judge=rewards)
     session.open(inputs={
         "model": describe_model(policy, inputs.model_path),
         "data": {"source": inputs.source, "prompt_rows": len(prompts),
