@@ -59,6 +59,7 @@ def test_own_data_plans_every_method_of_the_builtin_task_but_thumbs() -> None:
     assert [m.name for m in builtin if m.method != "kto"] == [m.name for m in methods]
 
 
+@pytest.mark.slow  # forks a process per stage
 def test_compare_quick_on_own_data(hh_file: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     args = ["compare", "--quick", "--model", str(tiny_model_dir), "--dataset", str(hh_file),
