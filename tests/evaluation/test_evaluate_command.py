@@ -132,3 +132,18 @@ def test_bad_input_is_one_line_and_creates_nothing(files: dict[str, Path],
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 1 and len(err) == 1 and f"judge '{words}:judge'" in err[0], err
     assert not (out / "evaluation.json").exists()
+
+
+def test_evaluate_reports_to_wandb(files: dict[str, Path]) -> None:
+    from scripts.wandb_offline import read_runs
+
+    out = files["tmp"] / "wandb-out"
+    args = ["evaluate", "--model", str(files["trained"]), "--ref-model", str(files["base"]),
+            "--prompts", str(files["prefs"]), "--reward", f"{files['judge']}:count_e",
+            "--max-prompts", "3", "--max-new-tokens", "6", "--output-dir", str(out),
+            "--report-to", "wandb", "--wandb-group", "evals"]  # fmt: skip
+    assert run_here(args, files["tmp"] / "cache") == 0
+    [run] = read_runs(out)
+    assert run.group == "evals" and run.config["judges"] == {f"{files['judge']}:count_e": 1.0}
+    assert [s for s, _ in run.curve("eval/policy/win_rate")] == [0]
+    assert [n for _, n in run.curve("eval/generations/nrows")] == [3]  # every prompt's samples
