@@ -206,6 +206,10 @@ def _setup_logging() -> None:
     import datasets
     import transformers
 
+    # what torchao and bitsandbytes say on import about kernels this machine lacks (CUDA-only
+    # libraries, a hub kernel) is not the user's to act on
+    for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # "Loading weights" bars of every load
     datasets.disable_progress_bars()

@@ -10,6 +10,7 @@ Settings that one package alone reads are declared in that package (e.g.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from dataclasses import dataclass
@@ -58,6 +59,16 @@ LR_SCHEDULER = Setting(str, "cosine", "Decay after warmup.", SCHEDULERS)
 MAX_GRAD_NORM = Setting(float, 1.0, "Gradient clipping norm (0 disables).", rule=NON_NEGATIVE)
 PRECISION = Setting(str, "auto", "Compute precision (auto: bf16 on a bf16 GPU, else fp32).",
                     PRECISIONS)  # fmt: skip
+WEIGHTS = Setting(str, "fp32", "How trained weights are held: fp32 master weights; bf16 weights and "
+                  "gradients, each update rounded stochastically so small steps survive "
+                  "(torchao); bf16-nearest: plain bf16 AdamW, which loses them (for comparison). "
+                  "bf16 weights compute in bf16.", ("fp32", "bf16", "bf16-nearest"))  # fmt: skip
+OPTIMIZER = Setting(str, "adamw", "adamw (moments in the weights' precision, fp32 with fp32 "
+                    "weights) or adamw-8bit (block-wise 8-bit moments, torchao's AdamW8bit: 2 "
+                    "bytes a parameter instead of 8).", ("adamw", "adamw-8bit"))  # fmt: skip
+STEP_IN_BACKWARD = Setting(bool, False, "Step each parameter as soon as its gradient is complete "
+                           "and free that gradient, so no whole-model gradient is held (needs "
+                           "--grad-accum 1, --max-grad-norm 0 and one process).")  # fmt: skip
 SEED = Setting(int, 42, "Seed of data order, initialisation and sampling.")
 
 # --- the run -------------------------------------------------------------------------------------
@@ -204,6 +215,9 @@ class OptimSettings:
     lr_scheduler: str = LR_SCHEDULER.field()
     max_grad_norm: float = MAX_GRAD_NORM.field()
     precision: str = PRECISION.field()
+    weights: str = WEIGHTS.field()
+    optimizer: str = OPTIMIZER.field()
+    step_in_backward: bool = STEP_IN_BACKWARD.field()
     seed: int = SEED.field()
 
 
@@ -264,6 +278,28 @@ def run_checks(cfg: Any) -> list[tuple[bool, str]]:
         (not (getattr(cfg, "wandb_log_model", False) and cfg.report_to != "wandb"),
          "--wandb-log-model needs --report-to wandb"),
         *eval_reward_model_checks(cfg),
+        *(optim_checks(cfg) if hasattr(cfg, "weights") else []),
+    ]  # fmt: skip
+
+
+def optim_checks(cfg: Any) -> list[tuple[bool, str]]:
+    """bf16 weights compute in bf16; the step in backward has no accumulation and no global
+    norm; torchao is needed for bf16 weights' rounding and 8-bit states."""
+    needs_torchao = cfg.weights == "bf16" or cfg.optimizer == "adamw-8bit"
+    return [
+        (not (cfg.weights != "fp32" and cfg.precision == "fp32"),
+         f"--weights {cfg.weights} computes in bf16; --precision fp32 needs --weights fp32"),
+        (not (cfg.step_in_backward and getattr(cfg, "grad_accum", 1) != 1),
+         f"--step-in-backward steps each parameter during backward: it cannot accumulate "
+         f"--grad-accum {getattr(cfg, 'grad_accum', 1)} passes; use --grad-accum 1"),
+        (not (cfg.step_in_backward and cfg.max_grad_norm),
+         "--step-in-backward steps each parameter before the whole gradient's norm is known: "
+         "pass --max-grad-norm 0 (no clipping)"),
+        (not (cfg.step_in_backward and getattr(cfg, "max_tokens_per_batch", None)),
+         "--step-in-backward takes one forward pass a step; --max-tokens-per-batch makes several"),
+        (not needs_torchao or importlib.util.find_spec("torchao") is not None,
+         f"--weights {cfg.weights} --optimizer {cfg.optimizer} needs torchao: pip install "
+         "'direct-align[memory]'"),
     ]  # fmt: skip
 
 
@@ -300,7 +336,7 @@ def tracker_checks(cfg: Any) -> list[tuple[bool, str]]:
 
 def uses_bf16(cfg: Any) -> bool:
     """Whether a run computes in bf16 (``--precision auto``: on a GPU that supports it)."""
-    return cfg.precision == "bf16" or (
+    return cfg.precision == "bf16" or getattr(cfg, "weights", "fp32") != "fp32" or (
         cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     )
 

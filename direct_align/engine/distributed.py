@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import torch
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from direct_align.errors import ConfigError
@@ -34,6 +35,11 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     config) only on accelerator devices and silently runs plain data parallel on CPUs; there the
     run is switched to FSDP by hand (:func:`_fsdp_on_cpus`), so that a CPU run shards too."""
     cpus = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and AcceleratorState._shared_state:
+        # a second run in one process (a script, a test) with its own precision: accelerate
+        # keeps its state per process and refuses a new mixed precision; one process has no
+        # group to keep, so the state starts afresh
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpus)
     if cpus and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         _fsdp_on_cpus(accelerator)

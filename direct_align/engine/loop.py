@@ -245,7 +245,8 @@ class Loop(Generic[S]):
         try:
             path = self.session.save_checkpoint(
                 self.state.step, {self.state_key: asdict(self.state), "total_steps": self.total,
-                                  "scheduler": self.scheduler.state_dict()}, model=self.model)  # fmt: skip
+                                  "scheduler": _plain(self.scheduler.state_dict())},
+                model=self.model)  # fmt: skip
         except NonFinite as e:
             raise self._failure(e) from None
         self._saved = asdict(self.state)
@@ -270,3 +271,13 @@ class Loop(Generic[S]):
     def _failure(self, e: NonFinite) -> DirectAlignError:
         where = self.session.run.last_checkpoint()
         return DirectAlignError(f"{self._unit} {self.state.step}: {e}; last checkpoint: {where}")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with its one-element tensors as numbers, for JSON (torchao's optimizers keep
+    the learning rate as a tensor, and the schedule's state holds it)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value.item() if hasattr(value, "item") and hasattr(value, "numel") else value

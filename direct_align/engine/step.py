@@ -33,6 +33,7 @@ from direct_align.engine.distributed import (
     even_share,
     sum_across,  # fmt: skip
 )
+from direct_align.engine.optim import StepInBackward, make_adamw
 from direct_align.engine.tracking import PEAKS_AT, peak_mb
 from direct_align.errors import ConfigError, NonFinite
 
@@ -56,7 +57,9 @@ class Optimization(Protocol):
 def make_optimizer(model: nn.Module, cfg: Optimization,
                    total: int) -> tuple[torch.optim.Optimizer, Any]:  # fmt: skip
     """AdamW over the parameters that train (with LoRA: the adapters alone) and the configured
-    warmup-then-decay schedule over ``total`` optimizer steps.
+    warmup-then-decay schedule over ``total`` optimizer steps. ``--optimizer``, ``--weights``
+    and ``--step-in-backward`` choose its states, rounding and timing
+    (:mod:`direct_align.engine.optim`).
 
     Weight decay applies to weight matrices only: biases and normalisation weights (the
     one-dimensional parameters) are left undecayed, as transformers' Trainer does, so
@@ -66,7 +69,7 @@ def make_optimizer(model: nn.Module, cfg: Optimization,
     decayed = [p for p in trainable if p.ndim >= 2]
     groups = [{"params": decayed, "weight_decay": cfg.weight_decay},
               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+    optimizer = make_adamw([g for g in groups if g["params"]], cfg)
     warmup = round(cfg.warmup_ratio * total)
     kwargs = {} if cfg.lr_scheduler == "constant" else {"num_training_steps": total}
     return optimizer, SCHEDULES[cfg.lr_scheduler](optimizer, num_warmup_steps=warmup, **kwargs)
@@ -79,6 +82,14 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, 
     clipping settings first). Returns (model, optimizer, the keywords ``accelerator.load_state``
     needs: when only some parameters train, checkpoints hold those alone). The schedule is not
     handed to accelerate, which would pickle it: :class:`Loop` keeps its state as JSON."""
+    if isinstance(optimizer, StepInBackward) and accelerator.num_processes > 1:
+        raise ConfigError(f"--step-in-backward steps each parameter before the "
+                          f"{accelerator.num_processes} processes have averaged its gradient; "
+                          "run it in one process")  # fmt: skip
+    plain = type(optimizer) is torch.optim.AdamW and all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    if not plain and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError("--weights, --optimizer adamw-8bit and --step-in-backward are for one "
+                          "process or DDP; FSDP and DeepSpeed hold their own weights and states")  # fmt: skip
     configure_deepspeed(accelerator, micro_batch_size, max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     PEAKS_AT["prepared"] = peak_mb()  # loading and sharding done, no step yet
@@ -169,9 +180,14 @@ def accumulate(model: nn.Module, local: Sequence[tuple[T, bool]], forward: Calla
 def clipped_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
                  accelerator: Accelerator, max_grad_norm: float) -> float:  # fmt: skip
     """Clip the gradients to ``max_grad_norm`` (0: no clipping, the norm is still measured),
-    step the optimizer and the schedule, clear the gradients; returns the norm before clipping.
+    step the optimizer and the schedule, clear the gradients; returns the norm before clipping
+    (NaN with --step-in-backward: each parameter stepped in backward, no whole gradient).
     A non-finite norm (the same in every process: gradients are reduced) raises
     :class:`NonFinite` before the step."""
+    if isinstance(getattr(optimizer, "optimizer", optimizer), StepInBackward):
+        optimizer.step()  # every parameter stepped in backward, its gradient freed: no norm
+        scheduler.step()
+        return math.nan
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or 1e30)
     if grad_norm is not None and not math.isfinite(float(grad_norm)):  # DeepSpeed: maybe None
         optimizer.zero_grad(set_to_none=True)
@@ -191,6 +207,8 @@ def optimizer_step(model: nn.Module, micro_batches: Sequence[T], forward: Callab
     :func:`clipped_step`. Returns (the step's metrics with ``grad_norm``, tokens computed)."""
     metrics, tokens = accumulate(model, even_share(micro_batches, accelerator), forward,
                                  weight=weight, accelerator=accelerator)  # fmt: skip
-    metrics["grad_norm"] = clipped_step(model, optimizer, scheduler, accelerator=accelerator,
-                                        max_grad_norm=max_grad_norm)  # fmt: skip
+    norm = clipped_step(model, optimizer, scheduler, accelerator=accelerator,
+                        max_grad_norm=max_grad_norm)  # fmt: skip
+    if not math.isnan(norm):  # NaN: stepped in backward, no whole gradient
+        metrics["grad_norm"] = norm
     return metrics, tokens

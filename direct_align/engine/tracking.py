@@ -66,7 +66,8 @@ class Tracker:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._append(self.path, record)
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            self._wandb.log({k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()},
+                            step=step)  # fmt: skip
 
     def _append(self, path: Path, record: dict[str, Any]) -> None:
         line = (json.dumps(record) + "\n").encode()
@@ -224,8 +225,11 @@ def _record(line: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _clean(value: float) -> float | None:
-    """JSON has no NaN/inf: write them as null."""
+def _clean(value: Any) -> float | None:
+    """A number for JSON: a one-element tensor as its value (torchao's optimizers keep the
+    learning rate as one), NaN and infinities as null (JSON has none)."""
+    if hasattr(value, "item"):
+        value = value.item()
     return value if isinstance(value, int) or math.isfinite(value) else None
 
 

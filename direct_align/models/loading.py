@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from direct_align.engine.optim import trained_dtype
 from direct_align.errors import ConfigError, one_line
 from direct_align.models.logprobs import PreferenceModel
 from direct_align.models.lora import ALL_LINEAR, apply_lora, trainable_summary
@@ -106,6 +108,39 @@ def unread_model(path: str, dtype: torch.dtype, auto_class: Any = AutoModelForCa
     return model.eval()
 
 
+def load_4bit(name: str, *, device: torch.device, compute_dtype: torch.dtype,
+              option: str = "--model") -> PreTrainedModel:  # fmt: skip
+    """The causal LM at ``name`` with its linear layers in 4-bit NF4 with double quantisation
+    (QLoRA, Dettmers et al. 2023: bitsandbytes through transformers' ``BitsAndBytesConfig``),
+    on ``device``, computing in ``compute_dtype``; the embeddings, norms and LM head stay in that
+    dtype (norms in fp32, as peft's ``prepare_model_for_kbit_training`` leaves them)."""
+    check_model_path(name, option)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=compute_dtype)  # fmt: skip
+    place = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(Path(name).expanduser()), dtype=compute_dtype,
+                                                     quantization_config=quantization, device_map=place)  # fmt: skip
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"{option}: cannot load '{name}' in 4 bits: {one_line(e)}") from None
+    # bitsandbytes' CPU matrix-vector kernel has no autograd registration, and torch warns on
+    # every backward; the adapters' gradients through it match those of the dequantized weights
+    # (tests/models/test_qlora.py)
+    warnings.filterwarnings("ignore", message="bitsandbytes::gemv_4bit: an autograd kernel")
+    # on a CPU with AVX512-BF16, bitsandbytes repacks a layer's weights for a faster kernel in
+    # the first no-grad forward and unpacks them whenever the state dict is read (a checkpoint),
+    # and the two compute differently: the weights' numerics would depend on when a run
+    # evaluated and saved, and a resumed run would not follow an uninterrupted one
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def preference_model(model: PreTrainedModel, cfg: Any, *, bf16: bool,
                      device: torch.device | str | None = None) -> PreferenceModel:  # fmt: skip
     """Wrap a causal LM for the settings' layout, attention and log-prob computation (``cfg``:
@@ -133,8 +168,11 @@ def load_policy(model_path: str, cfg: Any, *, bf16: bool, device: torch.device,
     is set, its dropout off (``cfg.disable_dropout``), wrapped by :func:`preference_model`, with
     gradient checkpointing when asked. ``unread``: its weights come from the main process when
     the engine shards it (see :func:`unread_model`). It loads in fp32 whatever the compute
-    precision: those are the master weights that AdamW updates."""
-    model = load_causal_lm(model_path, unread=unread)
+    precision (the master weights that AdamW updates), or in bf16 with ``--weights bf16``."""
+    if getattr(cfg, "load_in_4bit", False):
+        model = load_4bit(model_path, device=device, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+    else:
+        model = load_causal_lm(model_path, dtype=trained_dtype(cfg), unread=unread)
     if cfg.lora_r is not None:
         model = apply_lora(model, cfg)
         log.info("LoRA r=%d alpha=%g on %s: %s", cfg.lora_r, cfg.lora_alpha,

@@ -22,6 +22,7 @@ so that DDP's averaged gradient is that of the whole minibatch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -265,9 +266,10 @@ def _update(actor_critic: ActorCritic, optimizer: torch.optim.Optimizer, schedul
         for index in torch.randperm(len(rollout)).split(cfg.mini_batch_size // accelerator.num_processes):
             step, _ = accumulate(actor_critic, [(index, True)], forward, weight=tokens,
                                  accelerator=accelerator)  # fmt: skip
-            step["train/grad_norm"] = clipped_step(actor_critic, optimizer, scheduler,
-                                                   accelerator=accelerator,
-                                                   max_grad_norm=cfg.max_grad_norm)  # fmt: skip
+            norm = clipped_step(actor_critic, optimizer, scheduler, accelerator=accelerator,
+                                max_grad_norm=cfg.max_grad_norm)  # fmt: skip
+            if not math.isnan(norm):  # NaN: stepped in backward, no whole gradient
+                step["train/grad_norm"] = norm
             step["loss/total"] = step.pop("loss")
             state.updates += 1
             for key, value in step.items():

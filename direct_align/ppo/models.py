@@ -55,7 +55,7 @@ class ActorCritic(nn.Module):
         self.policy = policy
         self.critic = critic
         if critic is None:
-            self.value_head = nn.Linear(policy.config.hidden_size, 1)
+            self.value_head = nn.Linear(policy.config.hidden_size, 1, dtype=policy.dtype)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
         elif not isinstance(getattr(critic, "score", None), nn.Linear):

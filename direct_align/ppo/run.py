@@ -20,6 +20,7 @@ from direct_align.builtin.inputs import resolve_inputs
 from direct_align.config import resolve
 from direct_align.data.prompts import load_prompts
 from direct_align.engine.distributed import reads_weights, shard_frozen
+from direct_align.engine.optim import trained_dtype
 from direct_align.engine.outputs import RunDir
 from direct_align.engine.session import Session
 from direct_align.engine.tracking import read_metrics
@@ -84,7 +85,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
         if not builtin_rm:
             reward_model = load_reward_model(cfg.reward_model, tokenizer, option="--reward-model",
                                              dtype=frozen_dtype(cfg), unread=unread)  # fmt: skip
-        policy = load_causal_lm(inputs.model_path, unread=unread)
+        policy = load_causal_lm(inputs.model_path, dtype=trained_dtype(cfg), unread=unread)
         rm_done = (rm_dir / "final").is_dir() and (rm_dir / "summary.json").is_file()
         rm_cfg = None
         if builtin_rm and not rm_done:
@@ -123,7 +124,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any] | None:
         ppo_started = time.time()
         critic = None
         if cfg.critic == "separate":
-            critic = load_reward_model(rm_path, tokenizer, unread=unread)
+            critic = load_reward_model(rm_path, tokenizer, dtype=trained_dtype(cfg), unread=unread)
         if cfg.disable_dropout:
             for model in (policy, critic) if critic is not None else (policy,):
                 disable_dropout(model)

@@ -119,6 +119,11 @@ class TrainConfig(s.PairDataSettings, s.BatchSettings, s.OptimSettings, s.RunSet
                                                   "decoder).").field()  # fmt: skip
     lora_save: str = Setting(str, "adapter", "final/ holds the adapter (load with peft) or the "
                                              "merged full model.", LORA_SAVE).field()  # fmt: skip
+    load_in_4bit: bool = Setting(bool, False, "QLoRA: hold the frozen base in 4-bit NF4 with "
+                                              "double quantisation (bitsandbytes through "
+                                              "transformers) under the LoRA adapters; the "
+                                              "reference is that base, adapters off (needs "
+                                              "--lora-r).").field()  # fmt: skip
     output_dir: str | None = s.OUTPUT_DIR.field(help="Run directory (default: runs/LOSS-TIMESTAMP).")
     # --- online DPO (sample, judge, learn; see docs/online.md) ------------------------------
     online: bool = Setting(bool, False, "Online training: each round the policy samples responses "
@@ -224,6 +229,7 @@ def lora_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
     """(ok, message) for the LoRA settings: they need --lora-r, and peft installed."""
     if cfg.lora_r is None:
         given = [flag for flag, changed in (
+            ("--load-in-4bit", cfg.load_in_4bit),
             ("--lora-alpha", cfg.lora_alpha is not None), ("--lora-dropout", cfg.lora_dropout != 0),
             ("--lora-targets", cfg.lora_targets is not None),
             ("--lora-save", cfg.lora_save != "adapter"))
@@ -231,6 +237,13 @@ def lora_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
         return [(not given, f"{', '.join(given)} needs --lora-r (LoRA is off without it)")]
     targets = [t.strip() for t in (cfg.lora_targets or "all-linear").split(",")]
     return [
+        (not (cfg.load_in_4bit and cfg.lora_save == "merged"),
+         "--load-in-4bit: the base is held in 4 bits; save the adapter (--lora-save adapter) and "
+         "merge it into the full-precision base later"),
+        (not cfg.load_in_4bit or importlib.util.find_spec("bitsandbytes") is not None,
+         "--load-in-4bit needs bitsandbytes: pip install 'direct-align[memory]'"),
+        (not (cfg.load_in_4bit and cfg.weights != "fp32"),
+         "--load-in-4bit trains fp32 adapters on a 4-bit base; --weights is for full training"),
         (all(targets), "--lora-targets must be module names separated by commas, e.g. "
                        "q_proj,v_proj"),
         (importlib.util.find_spec("peft") is not None,

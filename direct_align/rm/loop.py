@@ -10,6 +10,7 @@ alike.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PreTrainedModel
@@ -77,9 +78,10 @@ def fit_rm(model: PreTrainedModel, train: PairDataset, evals: PairDataset, *, cf
             with loop.step():
                 metrics, tokens = accumulate(model, even_share(group, accelerator), forward,
                                              weight=len, accelerator=accelerator)  # fmt: skip
-                metrics["grad_norm"] = clipped_step(model, optimizer, scheduler,
-                                                    accelerator=accelerator,
-                                                    max_grad_norm=cfg.max_grad_norm)  # fmt: skip
+                norm = clipped_step(model, optimizer, scheduler, accelerator=accelerator,
+                                    max_grad_norm=cfg.max_grad_norm)  # fmt: skip
+                if not math.isnan(norm):  # NaN: stepped in backward, no whole gradient
+                    metrics["grad_norm"] = norm
             state.micro += len(group)
             state.pairs_seen += sum(map(len, group))
             loop.record(metrics, tokens, loss=metrics["loss"], acc=metrics["rewards/accuracies"])

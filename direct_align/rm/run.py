@@ -18,6 +18,7 @@ from direct_align.builtin.inputs import resolve_inputs
 from direct_align.builtin.task import true_reward
 from direct_align.data import PairDataset, prepare_pairs, split_holdout
 from direct_align.engine.distributed import reads_weights
+from direct_align.engine.optim import trained_dtype
 from direct_align.engine.session import Session
 from direct_align.models.loading import describe_model, disable_dropout, load_tokenizer
 from direct_align.rm.evaluate import RewardEval, pearson, spearman
@@ -59,7 +60,7 @@ def run_train_rm(cfg: RewardConfig) -> dict[str, Any] | None:
         # 2. the model: the trunk of the causal LM and a fresh scalar head, seeded
         accelerator = session.start(bf16=uses_bf16(cfg), grad_accum=cfg.grad_accum)
         set_seed(cfg.seed)
-        model = load_reward_model(inputs.model_path, tokenizer,
+        model = load_reward_model(inputs.model_path, tokenizer, dtype=trained_dtype(cfg),
                                   unread=not reads_weights(accelerator))  # fmt: skip
         if cfg.disable_dropout:
             disable_dropout(model)
