@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from commands import run_here
+
 from prefdata import rows, write_jsonl
 
 bnb = pytest.importorskip("bitsandbytes")
