@@ -5,9 +5,8 @@ Bytes per trained parameter before activations (weights + gradients + AdamW's tw
 
 | ``--weights`` | ``--optimizer adamw`` | ``adamw-8bit`` | with ``--step-in-backward`` |
 |---|---|---|---|
-| fp32 | 4 + 4 + 8 = 16 | 4 + 4 + 2 = 10 | the gradient is freed as it is used: 12, 6 |
-| bf16 | 2 + 2 + 8 = 12 | 2 + 2 + 2 = 6 | 10, 4 |
-| bf16-nearest | 2 + 2 + 4 = 8 (torch's AdamW keeps bf16 moments) | 6 | 6, 4 |
+| fp32 | 4 + 4 + 8 = 16 | 4 + 4 + 2 = 10 | the gradient freed as it is used: 12, 6 |
+| bf16, bf16-nearest | 2 + 2 + 4 = 8 (the moments in bf16, as the weights) | 2 + 2 + 2 = 6 | 6, 4 |
 
 (8-bit states add a 4-byte scale per block of 256 values of each moment: 0.03 bytes.)
 
@@ -30,6 +29,7 @@ Bytes per trained parameter before activations (weights + gradients + AdamW's tw
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -49,17 +49,93 @@ def trained_dtype(cfg: Any) -> torch.dtype:
 
 def adamw_factory(cfg: Any) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
     """A function from parameter groups to the configured AdamW (``cfg.weights``,
-    ``cfg.optimizer``, ``cfg.learning_rate``)."""
+    ``cfg.optimizer``, ``cfg.learning_rate``). torchao's optimizers update a large parameter in
+    row blocks (:class:`RowBlocks`), so that their fp32 temporaries stay small."""
     weights, kind, lr = getattr(cfg, "weights", "fp32"), getattr(cfg, "optimizer", "adamw"), cfg.learning_rate
     if kind == "adamw" and weights in ("fp32", "bf16-nearest"):
         return lambda groups: torch.optim.AdamW(groups, lr=lr)
-    if kind == "adamw":  # bf16 weights, fp32 states, stochastic rounding
+    if kind == "adamw":  # bf16 weights and moments, stochastic rounding
         from torchao.optim import _AdamW
 
-        return lambda groups: _AdamW(groups, lr=lr, bf16_stochastic_round=True)
+        return lambda groups: RowBlocks(groups, lambda g: _AdamW(g, lr=lr, bf16_stochastic_round=True))
     from torchao.optim import AdamW8bit
 
-    return lambda groups: AdamW8bit(groups, lr=lr, bf16_stochastic_round=weights == "bf16")
+    return lambda groups: RowBlocks(groups, lambda g: AdamW8bit(g, lr=lr, bf16_stochastic_round=weights == "bf16"))
+
+
+BLOCK_ELEMENTS = 1 << 24  # a row block of at most 16M values: 64 MB in fp32
+MIN_QUANTISED = 4096  # torchao keeps the moments of a smaller tensor in full precision
+
+
+def row_blocks(p: torch.Tensor, most: int | None = None) -> list[tuple[int, int]] | None:
+    """Row ranges [a, b) that split ``p`` into blocks of at most ``most`` values, each a whole
+    number of 256-value quantisation blocks where the row length allows, the last one merged
+    into the one before when it is too small for torchao to quantise; None for a parameter
+    small enough to update whole (``most``: default :data:`BLOCK_ELEMENTS`)."""
+    most = most or BLOCK_ELEMENTS
+    if p.ndim < 2 or p.numel() <= most:
+        return None
+    row = p.numel() // p.shape[0]
+    rows = max(1, most // row)
+    multiple = 256 // math.gcd(row, 256)
+    rows = max(multiple, rows - rows % multiple)
+    spans = [(a, min(a + rows, p.shape[0])) for a in range(0, p.shape[0], rows)]
+    if len(spans) > 1 and (spans[-1][1] - spans[-1][0]) * row < MIN_QUANTISED:
+        spans[-2:] = [(spans[-2][0], spans[-1][1])]  # a last block too small to be quantised
+    return spans
+
+
+class RowBlocks(torch.optim.Optimizer):
+    """An optimizer that updates each large parameter as row blocks, each a parameter of its own
+    to the inner optimizer (a view of the parameter's rows, with a view of its gradient's), so
+    that an update's temporaries (torchao's fp32 copies of a weight, its gradient and its
+    moments) are those of a block, not of a whole embedding matrix. The arithmetic, and every
+    state, is the inner optimizer's: a block's 8-bit moments are quantised in the same 256-value
+    blocks as the whole parameter's would be."""
+
+    def __init__(self, groups: list[dict[str, Any]], make: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]) -> None:  # fmt: skip
+        self.blocks: list[tuple[nn.Parameter, list[tuple[nn.Parameter, int, int]]]] = []
+        inner_groups = []
+        for group in groups:
+            params = []
+            for p in group["params"]:
+                spans = row_blocks(p)
+                if spans is None:
+                    params.append(p)
+                    continue
+                views = [(nn.Parameter(p.detach()[a:b]), a, b) for a, b in spans]
+                self.blocks.append((p, views))
+                params += [view for view, _, _ in views]
+            inner_groups.append({**group, "params": params})
+        self.inner = make(inner_groups)
+        self.param_groups = self.inner.param_groups
+        self.defaults = self.inner.defaults
+        self.state = self.inner.state
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        for p, views in self.blocks:  # views of the parameter as it is now (it may have moved)
+            for view, a, b in views:
+                view.data = p.detach()[a:b]
+                view.grad = None if p.grad is None else p.grad[a:b]
+        self.inner.step()
+        for _, views in self.blocks:
+            for view, _, _ in views:
+                view.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+        for p, _ in self.blocks:
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state_dict)
+        self.param_groups = self.inner.param_groups
 
 
 class StepInBackward(torch.optim.Optimizer):

@@ -92,3 +92,32 @@ def test_the_step_in_backward_is_adamw_and_keeps_no_gradient() -> None:
     fused(x).sum().backward()
     with pytest.raises(ConfigError, match="took two"):
         fused(x).sum().backward()
+
+
+def test_row_blocks_update_a_large_parameter_as_the_whole_would_be(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchao.optim import AdamW8bit
+
+    from direct_align.engine import optim
+    from direct_align.engine.optim import RowBlocks, row_blocks
+
+    monkeypatch.setattr(optim, "BLOCK_ELEMENTS", 96 * 64)
+    # 10 blocks of 96 rows, the last 40 rows (2560 values, too few to quantise) joined to the 10th
+    assert row_blocks(torch.zeros(1000, 64), most=96 * 64) == [(a, a + 96) for a in range(0, 864, 96)] + [(864, 1000)]
+    assert row_blocks(torch.zeros(10, 64), most=96 * 64) is None  # small: whole
+    # rows of 100 values: a whole number of 256-value blocks takes a multiple of 64 rows
+    assert row_blocks(torch.zeros(1000, 100), most=20000) == [(0, 192), (192, 384), (384, 576), (576, 768), (768, 1000)]
+    torch.manual_seed(0)
+    whole, blocked = nn.Parameter(torch.randn(1000, 64)), nn.Parameter(torch.zeros(1000, 64))
+    blocked.data.copy_(whole.data)
+    plain = AdamW8bit([whole], lr=1e-2)
+    rows = RowBlocks([{"params": [blocked]}], lambda groups: AdamW8bit(groups, lr=1e-2))
+    assert len(rows.param_groups[0]["params"]) == 10  # the blocks, each a parameter of its own
+    for _ in range(3):
+        grad = torch.randn(1000, 64)
+        whole.grad, blocked.grad = grad.clone(), grad.clone()
+        plain.step()
+        rows.step()
+        rows.zero_grad()
+        assert blocked.grad is None
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-7)  # the same update, in blocks
+    assert not torch.equal(blocked.data, torch.zeros_like(blocked))
