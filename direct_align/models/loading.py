@@ -113,9 +113,8 @@ def load_4bit(name: str, *, device: torch.device, compute_dtype: torch.dtype,
     """The causal LM at ``name`` with its linear layers in 4-bit NF4 with double quantisation
     (QLoRA, Dettmers et al. 2023: bitsandbytes through transformers' ``BitsAndBytesConfig``),
     on ``device``, computing in ``compute_dtype``; the embeddings, norms and LM head stay in that
-    dtype (norms in fp32, as peft's ``prepare_model_for_kbit_training`` leaves them)."""
+    dtype."""
     check_model_path(name, option)
-    from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -138,7 +137,12 @@ def load_4bit(name: str, *, device: torch.device, compute_dtype: torch.dtype,
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # frozen, and everything that is not quantised left in the compute dtype (peft's
+    # prepare_model_for_kbit_training would hold the embedding and LM head in fp32: 4 bytes a
+    # value, more than the whole quantised rest of a small model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
 
 
 def preference_model(model: PreTrainedModel, cfg: Any, *, bf16: bool,
