@@ -61,6 +61,18 @@ def make_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaF
     return LlamaForCausalLM(config)
 
 
+def eos_prone_model(tokenizer: PreTrainedTokenizerFast, seed: int, eos_bias: float = 4.0):
+    """A tiny model whose output layer favours EOS (p ~ 0.1 a step), so samples end early."""
+    model = make_tiny_model(tokenizer, seed=seed)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tokenizer.eos_token_id] = eos_bias
+    model.lm_head = head
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
     """A local Hugging Face model directory (model + tokenizer) loadable by from_pretrained."""

@@ -34,9 +34,11 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTo
     return {"trained": trained, "base": tiny_model_dir, "prefs": prefs, "judge": judge, "tmp": tmp}
 
 
-def evaluate(files: dict[str, Path], out: Path, *extra: str) -> dict:
-    args = ["evaluate", "--model", str(files["trained"]), "--ref-model", str(files["base"]),
-            "--prompts", str(files["prefs"]), "--reward", f"{files['judge']}:count_e",
+def evaluate(files: dict[str, Path], out: Path, *extra: str, model: Path | None = None) -> dict:
+    """`direct-align evaluate` of ``model`` (default: the trained one, against the base) on the
+    HH file's prompts, judged by the e's of each sample; its evaluation.json."""
+    which = ["--model", str(model)] if model else ["--model", str(files["trained"]), "--ref-model", str(files["base"])]
+    args = ["evaluate", *which, "--prompts", str(files["prefs"]), "--reward", f"{files['judge']}:count_e",
             "--output-dir", str(out), *SMALL, *extra]  # fmt: skip
     assert run_here(args, files["tmp"] / "cache") == 0
     return json.loads((out / "evaluation.json").read_text())
@@ -73,11 +75,7 @@ def test_a_model_evaluated_against_its_base_read_from_its_card(files: dict[str, 
     shutil.copytree(files["base"], model)
     (model / "README.md").write_text(f"---\nlibrary_name: transformers\nbase_model: {files['base']}\n---\n")
     assert base_of(str(model)) == str(files["base"])
-    out = files["tmp"] / "same-out"
-    args = ["evaluate", "--model", str(model), "--prompts", str(files["prefs"]), "--reward",
-            f"{files['judge']}:count_e", "--max-prompts", "5", "--output-dir", str(out), *SMALL]  # fmt: skip
-    assert run_here(args, files["tmp"] / "cache") == 0
-    result = json.loads((out / "evaluation.json").read_text())
+    result = evaluate(files, files["tmp"] / "same-out", "--max-prompts", "5", model=model)
     assert result["reference"] == str(files["base"]) and result["prompts"]["count"] == 5
     # the same weights sample the same responses with the same seed: all ties, no KL
     assert result["report"]["policy/kl"] == 0.0
@@ -96,11 +94,7 @@ def test_an_adapter_is_evaluated_against_its_base(files: dict[str, Path],
     model.save_pretrained(adapter)
     tiny_tokenizer.save_pretrained(adapter)
     assert base_of(str(adapter)) == str(files["base"])
-    out = files["tmp"] / "adapter-out"
-    args = ["evaluate", "--model", str(adapter), "--prompts", str(files["prefs"]), "--reward",
-            f"{files['judge']}:count_e", "--max-prompts", "4", "--output-dir", str(out), *SMALL]  # fmt: skip
-    assert run_here(args, files["tmp"] / "cache") == 0
-    result = json.loads((out / "evaluation.json").read_text())
+    result = evaluate(files, files["tmp"] / "adapter-out", "--max-prompts", "4", model=adapter)
     # a fresh LoRA adapter (B = 0) changes nothing: the merged model is its base
     assert result["reference"] == str(files["base"])
     assert result["report"]["policy/kl"] == pytest.approx(0.0, abs=1e-5)

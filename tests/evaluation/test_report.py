@@ -8,25 +8,13 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from conftest import make_tiny_model
+from conftest import eos_prone_model
 from direct_align.builtin.task import sample_prompts
 from direct_align.data.prompts import Prompts, encode_prompts
 from direct_align.evaluation.report import SampleReport
 from direct_align.generation import sample
 from direct_align.rewards import Rewards, WeightedJudge
 from fastpath import manual_logp
-
-
-def eos_prone_model(tokenizer: PreTrainedTokenizerFast, seed: int, eos_bias: float = 4.0):
-    """A tiny model whose output layer favours EOS (p ~ 0.1 a step), so samples end early."""
-    model = make_tiny_model(tokenizer, seed=seed)
-    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[tokenizer.eos_token_id] = eos_bias
-    model.lm_head = head
-    return model.eval()
 
 
 def judge(fn) -> Rewards:
