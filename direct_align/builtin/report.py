@@ -7,7 +7,6 @@ from typing import Any
 from direct_align.builtin.build import BuiltinAssets, BuiltinSpec
 from direct_align.data.prompts import Prompts, encode_prompts
 from direct_align.evaluation.report import SampleReport
-from direct_align.models.loading import load_causal_lm
 from direct_align.rewards import Rewards, WeightedJudge, builtin_judge
 
 
@@ -18,9 +17,6 @@ def hidden_reward_report(reference: Any, tokenizer: Any, assets: BuiltinAssets, 
     the task's response length. ``reference``: a model, or the path to load it from; ``proxy``:
     a reward-model directory that also scores the samples (``{model}/proxy_reward``)."""
     texts = assets.held_out_prompts(prompts)
-    if isinstance(reference, str):
-        path = reference
-        reference = lambda: load_causal_lm(path)  # noqa: E731
     judge = None
     if proxy is not None:
         from direct_align.rewards import RewardModelJudge

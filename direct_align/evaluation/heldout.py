@@ -11,7 +11,6 @@ from direct_align.builtin.inputs import Inputs
 from direct_align.builtin.report import hidden_reward_report
 from direct_align.data.prompts import load_prompts
 from direct_align.evaluation.report import SampleReport
-from direct_align.models.loading import load_causal_lm
 from direct_align.rewards import Rewards, load_rewards
 
 
@@ -46,9 +45,6 @@ def run_report(cfg: Any, inputs: Inputs, tokenizer: Any, reference: Any, *, devi
         judge = cfg.eval_judge
     if not isinstance(judge, Rewards):
         judge = load_rewards(judge or [], max_length=getattr(cfg, "max_length", None), device=device)
-    if isinstance(reference, str):
-        path = reference
-        reference = lambda: load_causal_lm(path)  # noqa: E731
     return SampleReport(reference, tokenizer, prompts, judge, key="reward",
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                         rows=cfg.log_generations)  # fmt: skip

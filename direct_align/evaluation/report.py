@@ -29,6 +29,7 @@ from direct_align.evaluation.stats import (
     win_rate,
 )
 from direct_align.generation import sample, score_responses
+from direct_align.models.loading import load_causal_lm
 from direct_align.rewards import Rewards
 
 
@@ -50,8 +51,8 @@ class SampleReport:
     """The report of a policy's samples on ``prompts`` against ``reference``'s, judged by
     ``rewards`` (metric ``{model}/{key}``), as often as a run evaluates.
 
-    ``reference``: a model, or a callable that loads it (on first use, then moved to the
-    policy's device and kept). ``proxy``: a judge ((prompts, responses) → ``[N]``, e.g. a reward
+    ``reference``: a model, or the path to load it from (on first use, onto the policy's device;
+    then kept). ``proxy``: a judge ((prompts, responses) → ``[N]``, e.g. a reward
     model) that also scores both models' samples (``{model}/proxy_reward``), or a callable that
     loads one onto a device. ``seconds`` adds up the time spent in reports (what a run spends on
     evaluation rather than training). ``name``: where a run's summary keeps the last report,
@@ -89,8 +90,8 @@ class SampleReport:
         """(the report, the first ``rows`` prompts' rows for a table)."""
         started = time.perf_counter()
         device = next(model.parameters()).device
-        if callable(self.reference) and not isinstance(self.reference, torch.nn.Module):
-            self.reference = self.reference().to(device)
+        if isinstance(self.reference, str):  # loaded when first needed, beside the policy
+            self.reference = load_causal_lm(self.reference).to(device)
         if self.proxy_source is not None and self.proxy is None:
             self.proxy = self.proxy_source(device)
         if self.reference_drawn is None:
